@@ -1,0 +1,78 @@
+"""`python -m data_pipelines {scrub,train-tokenizer,pretokenize,eval-pii,bench}`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pretrain.errors import exit_on_user_error
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_pipelines", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help in (
+        ("scrub", "raw corpus -> scrubbed shards + manifest.json + report.md/json"),
+        ("train-tokenizer", "train a byte-level BPE tokenizer on scrubbed shards"),
+        ("pretokenize", "write token-id memmap shards for the fastest loader path"),
+    ):
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("config", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. scrub.workers=2")
+        p.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+
+    p = sub.add_parser("eval-pii", help="per-type precision/recall/F1 of the PII detector on labelled records")
+    p.add_argument("labelled", help='jsonl of {"text": ..., "spans": [{"start", "end", "type"}]}')
+    p.add_argument("--config", default=None, help="config whose scrub.pii section to use")
+    p.add_argument("overrides", nargs="*")
+
+    p = sub.add_parser("bench", help="throughput benchmarks; last line printed is one JSON object")
+    p.add_argument("suite", nargs="?", default="scrub", choices=("pii", "scrub", "loader"),
+                   help="pii: PII alone; scrub: PII alone and the full pipeline; loader: training loader tokens/s")
+    p.add_argument("--config", default=None, help="config file (defaults per suite)")
+    p.add_argument("overrides", nargs="*")
+    return parser
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from pretrain.config import load_config, to_yaml
+    from pretrain.logging_setup import setup_logging
+
+    path = getattr(args, "config", None)
+    cfg = load_config(path, args.overrides)
+    if getattr(args, "print_config", False):
+        print(to_yaml(cfg), end="")
+        return 0
+    setup_logging(cfg.run.log_level, cfg.run.log_all_ranks)
+
+    if args.command == "scrub":
+        from data_pipelines.scrub import run_scrub
+
+        return run_scrub(cfg) or 0
+    if args.command == "train-tokenizer":
+        from data_pipelines.tokenizer import train_tokenizer
+
+        return train_tokenizer(cfg) or 0
+    if args.command == "pretokenize":
+        from data_pipelines.pretokenize import pretokenize
+
+        return pretokenize(cfg) or 0
+    if args.command == "eval-pii":
+        from data_pipelines.pii_eval import eval_pii_cli
+
+        return eval_pii_cli(args.labelled, cfg) or 0
+    if args.command == "bench":
+        if args.suite == "loader":
+            from data_pipelines.bench_loader import bench_loader
+
+            return bench_loader(cfg) or 0
+        from data_pipelines.bench_scrub import bench_scrub
+
+        return bench_scrub(cfg, pii_only=args.suite == "pii") or 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

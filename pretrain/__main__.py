@@ -1,0 +1,93 @@
+"""`python -m pretrain {train,bench,export,generate,config-reference}`.
+
+Config-taking commands parse and validate the config before importing torch or deepspeed, so a
+typo costs a second, not a cluster start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pretrain.dist import strip_launcher_args
+from pretrain.errors import exit_on_user_error
+
+
+def _config_command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("config", help="YAML config file (may `extends:` others)")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. model.n_layers=4")
+    p.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _config_command(sub, "train", "train a model (same under python, torchrun, deepspeed and SLURM)")
+    _config_command(sub, "bench", "time the real training step; last line printed is one JSON object")
+
+    p = sub.add_parser("export", help="consolidate a checkpoint into Hugging Face Llama format")
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or step directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint or an export directory")
+    p.add_argument("--checkpoint", required=True, help="run/checkpoint directory or export directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("config-reference", help="print the configuration reference (markdown)")
+    return parser
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+
+    if args.command == "config-reference":
+        from pretrain.config import reference_markdown
+
+        print(reference_markdown(), end="")
+        return 0
+
+    if args.command in ("train", "bench"):
+        from pretrain.config import load_config, to_yaml
+
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        from pretrain.logging_setup import setup_logging
+
+        setup_logging(cfg.run.log_level, cfg.run.log_all_ranks)
+        if args.command == "train":
+            from pretrain.trainer import train
+
+            return train(cfg) or 0
+        from pretrain.bench import bench
+
+        return bench(cfg) or 0
+
+    from pretrain.logging_setup import setup_logging
+
+    setup_logging()
+    if args.command == "export":
+        from pretrain.export import export_checkpoint
+
+        export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
+        return 0
+    if args.command == "generate":
+        from pretrain.generate import generate_cli
+
+        return generate_cli(args) or 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

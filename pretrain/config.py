@@ -1,0 +1,628 @@
+"""The one configuration schema for every command, and its loader.
+
+Sections are plain dataclasses; omegaconf turns them into a structured config so YAML files and
+dotlist overrides (``model.n_layers=4``) are type-checked against them. Each field carries its help
+text and range in ``metadata`` so the README reference is generated from this file and cannot
+drift. Everything here is light (no torch): validation runs before any heavy import, process group
+or data access.
+
+A YAML file may inherit from others with ``extends: base.yaml`` (or a list), paths relative to the
+file; later files and then command-line overrides win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import re
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pretrain.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------
+# Field helper: default + help + range, in one place.
+# --------------------------------------------------------------------------------------------
+
+
+def fld(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple | None = None,
+) -> Any:
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: dataclasses.replace(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str = fld("run", "Run name; also the default wandb run name.")
+    dir: str = fld("runs/${run.name}", "Run directory: resolved config, metrics, checkpoints, wandb files, plots.")
+    seed: int = fld(1337, "Global seed (model init, data shuffling, sampling).", ge=0)
+    log_level: str = fld("info", "Log level on global rank 0.", choices=("debug", "info", "warning", "error"))
+    log_all_ranks: bool = fld(False, "Log at run.log_level on every rank, not only warnings on ranks > 0.")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = fld(8192, "Vocabulary size of the tokenizer; the embedding is padded up to model.vocab_multiple_of.", ge=2)
+    vocab_multiple_of: int = fld(64, "Pad the vocabulary to a multiple of this for fast matmuls.", ge=1)
+    n_layers: int = fld(6, "Number of Transformer blocks.", ge=1)
+    n_heads: int = fld(6, "Attention (query) heads.", ge=1)
+    n_kv_heads: int | None = fld(None, "Key/value heads for grouped-query attention (null = n_heads).", ge=1)
+    d_model: int = fld(384, "Hidden size.", ge=1)
+    ffn_hidden: int | None = fld(None, "SwiGLU hidden size (null = 8/3 * d_model rounded up to model.ffn_multiple_of).", ge=1)
+    ffn_multiple_of: int = fld(64, "Round the derived SwiGLU hidden size up to a multiple of this.", ge=1)
+    max_seq_len: int = fld(1024, "Longest sequence the model accepts (RoPE table size).", ge=1)
+    rope_theta: float = fld(10000.0, "RoPE base frequency.", gt=0)
+    norm_eps: float = fld(1e-5, "RMSNorm epsilon.", gt=0)
+    tie_embeddings: bool = fld(False, "Share the input embedding with the output projection.")
+    init_std: float = fld(0.02, "Std of the normal init; residual projections are scaled by 1/sqrt(2 * n_layers).", gt=0)
+    attention: str = fld("auto", "Attention backend.", choices=("auto", "sdpa", "flash_attn", "flex", "eager"))
+    doc_masking: bool = fld(False, "Packed sequences: tokens attend only within their own document.")
+    reset_positions: bool = fld(False, "Restart RoPE positions at every document boundary.")
+    compile: bool = fld(False, "torch.compile each Transformer block.")
+    activation_checkpointing: str = fld("none", "Recompute activations in backward.", choices=("none", "full", "every_n"))
+    checkpoint_every_n: int = fld(2, "With activation_checkpointing=every_n: checkpoint every n-th block.", ge=1)
+    loss_chunk_size: int = fld(4096, "Tokens per chunk of the fused cross-entropy (0 = one F.cross_entropy over all logits).", ge=0)
+
+
+@dataclass
+class SourceConfig:
+    name: str = fld("main", "Source name (used in logs and mixing state).")
+    path: str = fld("artifacts/scrubbed", "Scrubbed output directory (with manifest.json), or files/glob when data.require_scrubbed=false.")
+    weight: float = fld(1.0, "Sampling weight when mixing several sources.", gt=0)
+    text_field: str = fld("text", "Field holding the document text.")
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = fld([SourceConfig()], "Training sources, mixed by weight.")
+    validation: list[SourceConfig] = fld([], "Validation sources (empty = hold out data.val_fraction of the training documents).")
+    val_fraction: float = fld(0.005, "Fraction of training documents held out for validation when no validation source is given.", ge=0, lt=1)
+    tokenizer: str = fld("artifacts/tokenizer/tokenizer.json", "Hugging Face tokenizer.json used by the loader.")
+    seq_len: int = fld(256, "Training sequence length (tokens per sample, before the +1 shift).", ge=1)
+    num_workers: int = fld(0, "DataLoader worker processes per rank.", ge=0)
+    shuffle_buffer: int = fld(1000, "Documents in the seeded shuffle buffer (0 = no shuffling).", ge=0)
+    mode: str = fld("streaming", "streaming: tokenize scrubbed shards on the fly; pretokenized: read memmap shards.", choices=("streaming", "pretokenized"))
+    pretokenized_dir: str = fld("artifacts/pretokenized", "Directory written by `data_pipelines pretokenize`.")
+    require_scrubbed: bool = fld(True, "Refuse sources without a scrub manifest.json (privacy gate).")
+    prefetch: int = fld(4, "Batches prefetched per worker.", ge=1)
+
+
+@dataclass
+class TokenizerConfig:
+    input: str = fld("artifacts/scrubbed", "Scrubbed output directory to train on (must hold manifest.json).")
+    output: str = fld("artifacts/tokenizer", "Directory for tokenizer.json.")
+    vocab_size: int = fld(8192, "BPE vocabulary size, special tokens included.", ge=256)
+    min_frequency: int = fld(2, "Minimum pair frequency for a merge.", ge=1)
+    max_docs: int = fld(0, "Train on at most this many documents (0 = all).", ge=0)
+
+
+@dataclass
+class NormalizeConfig:
+    enabled: bool = fld(True, "Repair invalid UTF-8, NFC-normalize, strip control characters.")
+
+
+@dataclass
+class LanguageConfig:
+    enabled: bool = fld(True, "Keep documents in scrub.language.languages (fastText lid.176, offline).")
+    languages: list[str] = fld(["en"], "ISO 639-1 codes to keep.")
+    threshold: float = fld(0.65, "Minimum language probability.", ge=0, le=1)
+
+
+@dataclass
+class QualityConfig:
+    enabled: bool = fld(True, "Gopher quality/repetition rules and C4 line rules.")
+    min_words: int = fld(50, "Gopher: minimum words per document.", ge=0)
+    max_words: int = fld(100000, "Gopher: maximum words per document.", ge=1)
+    min_mean_word_len: float = fld(3.0, "Gopher: minimum mean word length.", ge=0)
+    max_mean_word_len: float = fld(10.0, "Gopher: maximum mean word length.", ge=0)
+    max_symbol_word_ratio: float = fld(0.1, "Gopher: maximum ratio of '#' and '...' to words.", ge=0)
+    max_bullet_lines_ratio: float = fld(0.9, "Gopher: maximum fraction of lines starting with a bullet.", ge=0, le=1)
+    max_ellipsis_lines_ratio: float = fld(0.3, "Gopher: maximum fraction of lines ending with an ellipsis.", ge=0, le=1)
+    min_alpha_words_ratio: float = fld(0.8, "Gopher: minimum fraction of words with an alphabetic character.", ge=0, le=1)
+    min_stop_words: int = fld(2, "Gopher: minimum English stop words present.", ge=0)
+    repetition: bool = fld(True, "Gopher repetition rules (duplicate lines/paragraphs, top and duplicated n-grams).")
+    c4_lines: bool = fld(True, "C4 line rules (drop lines without terminal punctuation, short lines, javascript/policy lines).")
+
+
+@dataclass
+class DedupConfig:
+    enabled: bool = fld(True, "Drop exact and near duplicates across all shards of the run.")
+    exact: bool = fld(True, "Exact duplicates by normalized-text hash.")
+    near: bool = fld(True, "Near duplicates by MinHash + LSH.")
+    num_perm: int = fld(128, "MinHash permutations.", ge=16)
+    threshold: float = fld(0.8, "Estimated Jaccard similarity above which a document is a near duplicate.", gt=0, le=1)
+    ngram: int = fld(5, "Word n-gram size of the shingles.", ge=1)
+
+
+@dataclass
+class ToxicityConfig:
+    enabled: bool = fld(True, "Score documents with the bundled profanity classifier and word lists.")
+    threshold: float = fld(0.9, "Drop (or mask) documents whose toxicity score is at least this.", ge=0, le=1)
+    action: str = fld("drop", "drop the document, or mask the toxic spans.", choices=("drop", "mask"))
+    wordlists: list[str] = fld([], "Extra word-list files (one term per line), C4-style.")
+
+
+@dataclass
+class BiasConfig:
+    enabled: bool = fld(True, "Audit identity-term mentions among kept and dropped documents, per filter.")
+    terms_file: str = fld("", "Identity-term groups (JSON {group: [terms]}); empty = the bundled list.")
+    disparity_threshold: float = fld(2.0, "Flag a group whose removal rate is this many times a filter's overall rate.", gt=0)
+    counterfactual_rate: float = fld(0.0, "Fraction of kept documents given a gendered-term swap (0 = off).", ge=0, le=1)
+
+
+@dataclass
+class PIIConfig:
+    enabled: bool = fld(True, "Detect and redact PII in every kept document.")
+    types: list[str] = fld(
+        ["email", "phone", "ip", "credit_card", "ssn", "iban", "secret", "url_credentials"],
+        "PII types to redact.",
+    )
+    replacement: str = fld("placeholder", "placeholder: typed tokens like <|email|>; pseudonym: keyed HMAC pseudonyms.", choices=("placeholder", "pseudonym"))
+    secret_env: str = fld("PII_HMAC_SECRET", "Environment variable holding the pseudonym key (never written anywhere).")
+    redact_private_ips: bool = fld(False, "Also redact private, loopback, reserved and documentation IP ranges.")
+    phone_regions: list[str] = fld(["US", "GB", "DE", "FR", "IN"], "Regions tried for national-format phone numbers.")
+
+
+@dataclass
+class ScrubConfig:
+    inputs: list[str] = fld(["builtin:enwiki-sample"], "Input files/globs, directories, `hf:NAME[:CONFIG]` hub datasets, or builtin:enwiki-sample.")
+    input_format: str = fld("auto", "Input format (auto = from the file extension).", choices=("auto", "jsonl", "parquet", "text", "hf"))
+    text_field: str = fld("text", "Field holding the document text.")
+    id_field: str = fld("id", "Field holding the document id (missing = file:line).")
+    hf_split: str = fld("train", "Split of hub datasets.")
+    output: str = fld("artifacts/scrubbed", "Output directory: shards, manifest.json, report.md, report.json.")
+    output_format: str = fld("parquet", "Shard format.", choices=("parquet", "jsonl.zst"))
+    workers: int = fld(1, "Worker processes.", ge=1)
+    rank: int = fld(0, "This machine's index among scrub.world_size (e.g. a SLURM array task id).", ge=0)
+    world_size: int = fld(1, "Machines sharing the scrub.", ge=1)
+    max_doc_bytes: int = fld(1_000_000, "Records larger than this are dropped as too_large.", ge=1)
+    audit_sample: int = fld(20, "Dropped documents (PII redacted) written to the audit sample per reason.", ge=0)
+    normalize: NormalizeConfig = fld(NormalizeConfig(), "Normalization.")
+    language: LanguageConfig = fld(LanguageConfig(), "Language filter.")
+    quality: QualityConfig = fld(QualityConfig(), "Quality filter.")
+    dedup: DedupConfig = fld(DedupConfig(), "Deduplication.")
+    toxicity: ToxicityConfig = fld(ToxicityConfig(), "Toxicity filter.")
+    bias: BiasConfig = fld(BiasConfig(), "Bias audit.")
+    pii: PIIConfig = fld(PIIConfig(), "PII redaction.")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = fld(8, "Sequences per rank per micro-step.", ge=1)
+    grad_accum_steps: int = fld(1, "Micro-steps per optimizer step.", ge=1)
+    global_batch_size: int | None = fld(None, "If set, must equal micro_batch_size * grad_accum_steps * data-parallel size.", ge=1)
+    max_steps: int = fld(1000, "Stop after this many optimizer steps.", ge=0)
+    max_tokens: int | None = fld(None, "Stop once this many tokens were trained on.", ge=1)
+    max_time_s: float | None = fld(None, "Stop (and save) after this wall-clock budget in seconds.", gt=0)
+    precision: str = fld("bf16", "Training precision.", choices=("bf16", "fp16", "fp32"))
+    grad_clip: float = fld(1.0, "Clip the global gradient norm to this (0 = off).", ge=0)
+    eval_every: int = fld(200, "Validation every this many steps (0 = never).", ge=0)
+    eval_batches: int = fld(20, "Validation batches per evaluation.", ge=1)
+    log_every: int = fld(10, "Log metrics every this many steps.", ge=1)
+    max_nonfinite_in_a_row: int = fld(5, "Save and stop after this many consecutive NaN/Inf losses or gradient norms.", ge=1)
+    progress_bar: bool = fld(True, "Show a progress bar on rank 0.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = fld(6e-4, "Peak learning rate.", gt=0)
+    min_lr: float = fld(6e-5, "Learning rate at the end of the decay.", ge=0)
+    schedule: str = fld("cosine", "Learning-rate schedule after warmup.", choices=("cosine", "wsd", "constant"))
+    warmup_steps: int = fld(100, "Linear warmup steps.", ge=0)
+    decay_fraction: float = fld(0.2, "WSD: fraction of max_steps spent in the final decay.", ge=0, le=1)
+    weight_decay: float = fld(0.1, "AdamW weight decay.", ge=0)
+    beta1: float = fld(0.9, "AdamW beta1.", ge=0, lt=1)
+    beta2: float = fld(0.95, "AdamW beta2.", ge=0, lt=1)
+    eps: float = fld(1e-8, "AdamW epsilon.", gt=0)
+    decay_norms: bool = fld(False, "Apply weight decay to norm weights.")
+    decay_embeddings: bool = fld(False, "Apply weight decay to embeddings.")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = fld(1, "ZeRO stage.", ge=0, le=3)
+    offload_optimizer: bool = fld(False, "Offload optimizer state to CPU (DeepSpeed CPU Adam).")
+    offload_params: bool = fld(False, "Offload parameters to CPU (ZeRO-3 only).")
+    overlap_comm: bool = fld(True, "Overlap gradient reduction with backward.")
+    contiguous_gradients: bool = fld(True, "Copy gradients into a contiguous buffer.")
+    reduce_bucket_size: int = fld(50_000_000, "Elements per gradient-reduction bucket.", ge=1)
+    allgather_bucket_size: int = fld(50_000_000, "Elements per all-gather bucket.", ge=1)
+    stage3_prefetch_bucket_size: int = fld(50_000_000, "ZeRO-3: elements prefetched.", ge=1)
+    stage3_param_persistence_threshold: int = fld(100_000, "ZeRO-3: parameters smaller than this stay unpartitioned.", ge=0)
+    fp16_initial_scale_power: int = fld(16, "fp16: initial loss scale is 2**this.", ge=0)
+    extra: dict[str, Any] = fld({}, "Passthrough: merged last into the generated DeepSpeed config (advanced keys).")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = fld("${run.dir}/checkpoints", "Checkpoint directory.")
+    every_steps: int = fld(500, "Save every this many steps (0 = off).", ge=0)
+    every_minutes: float = fld(0.0, "Also save when this many minutes passed since the last save (0 = off).", ge=0)
+    keep_last: int = fld(3, "Keep the newest N complete checkpoints.", ge=1)
+    keep_every: int = fld(0, "Also keep every checkpoint whose step is a multiple of this (0 = off).", ge=0)
+    resume: str = fld("auto", "auto: newest complete checkpoint in checkpoint.dir; never: start fresh; or a checkpoint path.")
+    overwrite: bool = fld(False, "With resume=never: allow starting over an existing run directory.")
+    save_on_exit: bool = fld(True, "Save when stopping on a signal, the time budget or max_steps.")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = fld("auto", "auto = online with WANDB_API_KEY, else offline.", choices=("auto", "online", "offline", "disabled"))
+    project: str = fld("pretrain", "wandb project.")
+    entity: str | None = fld(None, "wandb entity (team or user).")
+    name: str | None = fld(None, "wandb run name (null = run.name).")
+    tags: list[str] = fld([], "wandb tags.")
+
+
+@dataclass
+class BenchConfig:
+    warmup_steps: int = fld(3, "Steps run before timing.", ge=0)
+    steps: int = fld(10, "Timed steps.", ge=1)
+
+
+@dataclass
+class Config:
+    run: RunConfig = fld(RunConfig(), "Run identity and output directory.")
+    model: ModelConfig = fld(ModelConfig(), "The Transformer.")
+    data: DataConfig = fld(DataConfig(), "The training data loader.")
+    tokenizer: TokenizerConfig = fld(TokenizerConfig(), "Tokenizer training.")
+    scrub: ScrubConfig = fld(ScrubConfig(), "The bias and privacy scrub stage.")
+    train: TrainConfig = fld(TrainConfig(), "The training loop.")
+    optim: OptimConfig = fld(OptimConfig(), "Optimizer and learning-rate schedule.")
+    deepspeed: DeepSpeedConfig = fld(DeepSpeedConfig(), "The DeepSpeed engine.")
+    checkpoint: CheckpointConfig = fld(CheckpointConfig(), "Checkpoints and resume.")
+    wandb: WandbConfig = fld(WandbConfig(), "Weights & Biases monitoring.")
+    bench: BenchConfig = fld(BenchConfig(), "`pretrain bench`.")
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-field rules. Each problem names every key involved.
+# --------------------------------------------------------------------------------------------
+
+
+def data_parallel_size() -> int:
+    """World size as the launcher announced it (torchrun, deepspeed, SLURM), before any process group."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def cross_field_problems(cfg: Config, world_size: int | None = None) -> list[str]:
+    p: list[str] = []
+    m, t, d, ds, o = cfg.model, cfg.train, cfg.data, cfg.deepspeed, cfg.optim
+    if m.d_model % m.n_heads:
+        p.append(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    elif (m.d_model // m.n_heads) % 2:
+        p.append(f"model.d_model / model.n_heads = {m.d_model // m.n_heads} must be even for rotary embeddings")
+    kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
+    if m.n_heads % kv:
+        p.append(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({kv})")
+    if d.seq_len > m.max_seq_len:
+        p.append(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    if m.reset_positions and not m.doc_masking:
+        p.append("model.reset_positions=true requires model.doc_masking=true (restarted positions without document masking mix documents)")
+    dp = world_size if world_size is not None else data_parallel_size()
+    if t.global_batch_size is not None and t.global_batch_size != t.micro_batch_size * t.grad_accum_steps * dp:
+        p.append(
+            f"train.global_batch_size ({t.global_batch_size}) must equal train.micro_batch_size ({t.micro_batch_size})"
+            f" x train.grad_accum_steps ({t.grad_accum_steps}) x data-parallel size ({dp})"
+            f" = {t.micro_batch_size * t.grad_accum_steps * dp}"
+        )
+    if o.min_lr > o.lr:
+        p.append(f"optim.min_lr ({o.min_lr}) must not exceed optim.lr ({o.lr})")
+    if ds.offload_params and ds.zero_stage != 3:
+        p.append(f"deepspeed.offload_params=true requires deepspeed.zero_stage=3 (got {ds.zero_stage})")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        p.append("deepspeed.offload_optimizer=true requires deepspeed.zero_stage >= 1")
+    if t.precision == "fp16" and ds.zero_stage == 0 and ds.offload_optimizer:
+        p.append("train.precision=fp16 with deepspeed.offload_optimizer requires deepspeed.zero_stage >= 1")
+    if cfg.scrub.rank >= cfg.scrub.world_size:
+        p.append(f"scrub.rank ({cfg.scrub.rank}) must be below scrub.world_size ({cfg.scrub.world_size})")
+    if cfg.scrub.quality.min_words > cfg.scrub.quality.max_words:
+        p.append("scrub.quality.min_words must not exceed scrub.quality.max_words")
+    if not d.sources:
+        p.append("data.sources must list at least one source")
+    for i, s in enumerate(d.sources):
+        if not s.path:
+            p.append(f"data.sources[{i}].path is empty")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: files (with inheritance) -> unknown-key check -> typed merge -> ranges -> rules.
+# --------------------------------------------------------------------------------------------
+
+
+def _schema_keys(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every valid dotted key of a dataclass schema, with its field (sections included)."""
+    out: dict[str, dataclasses.Field] = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        out[key] = f
+        sub = _dataclass_type(f)
+        if sub is not None:
+            out.update(_schema_keys(sub, key + "."))
+    return out
+
+
+def _dataclass_type(f: dataclasses.Field) -> type | None:
+    t = _type_of(f)
+    return t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
+
+
+def _list_item_dataclass(f: dataclasses.Field) -> type | None:
+    import typing
+
+    t = _type_of(f)
+    if typing.get_origin(t) is list:
+        (item,) = typing.get_args(t)
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
+            return item
+    return None
+
+
+_TYPE_CACHE: dict[int, Any] = {}
+
+
+def _type_of(f: dataclasses.Field) -> Any:
+    """The evaluated annotation of a field (the module uses postponed annotations)."""
+    if id(f) not in _TYPE_CACHE:
+        _TYPE_CACHE[id(f)] = eval(f.type, globals()) if isinstance(f.type, str) else f.type  # noqa: S307
+    return _TYPE_CACHE[id(f)]
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    parent, _, leaf = key.rpartition(".")
+    siblings = [k for k in valid if k.rpartition(".")[0] == parent]
+    match = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6) or difflib.get_close_matches(
+        key, valid, n=1, cutoff=0.6
+    )
+    if not match:
+        leaf_matches = [k for k in valid if k.rpartition(".")[2] == leaf]
+        match = leaf_matches[:1]
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _unknown_keys(node: Any, cls: type, prefix: str, where: str) -> list[str]:
+    """Keys in a user dict that the schema does not have, each with the nearest valid key."""
+    if not isinstance(node, dict):
+        return []
+    problems: list[str] = []
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        f = fields.get(str(k))
+        if f is None:
+            # data.sources[0].pth: match against data.sources.path, then put the index back.
+            generic = re.sub(r"\[\d+\]", "", key)
+            hint = _suggest(generic, _ALL_KEYS())
+            m = re.match(r"(.*\[\d+\])\.", key)
+            if m:
+                hint = hint.replace(re.sub(r"\[\d+\]", "", m.group(1)) + ".", m.group(1) + ".")
+            problems.append(f"unknown key '{key}'{where}{hint}")
+            continue
+        sub = _dataclass_type(f)
+        if sub is not None:
+            problems += _unknown_keys(v, sub, key + ".", where)
+        item = _list_item_dataclass(f)
+        if item is not None and isinstance(v, list):
+            for i, el in enumerate(v):
+                problems += _unknown_keys(el, item, f"{key}[{i}].", where)
+    return problems
+
+
+@functools.cache
+def _ALL_KEYS() -> list[str]:  # noqa: N802
+    keys = []
+    for k, f in _schema_keys(Config).items():
+        keys.append(k)
+        item = _list_item_dataclass(f)
+        if item is not None:
+            keys += [f"{k}.{sub}" for sub in _schema_keys(item)]
+    return keys
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Read one YAML file and, depth first, the files it extends (later ones win)."""
+    from omegaconf import OmegaConf
+
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"config files extend each other in a cycle: {cycle}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (extended by {chain[-1]})" if chain else ""))
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        loaded = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+    except Exception as e:  # yaml errors come in several classes
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    data = OmegaConf.to_container(loaded, resolve=False)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+    parents = data.pop("extends", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged: dict = {}
+    for parent in parents:
+        merged = _deep_merge(merged, _read_yaml(path.parent / parent, (*chain, path)))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _range_problems(obj: Any, prefix: str = "") -> list[str]:
+    problems: list[str] = []
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            problems += _range_problems(value, key + ".")
+            continue
+        if isinstance(value, list):
+            for i, el in enumerate(value):
+                if dataclasses.is_dataclass(el):
+                    problems += _range_problems(el, f"{key}[{i}].")
+            continue
+        m = f.metadata
+        if value is None or isinstance(value, bool):
+            continue
+        if m.get("choices") and value not in m["choices"]:
+            problems.append(f"{key}: expected one of {', '.join(map(str, m['choices']))}; got '{value}'")
+        if isinstance(value, (int, float)):
+            for bound, ok, word in (
+                ("ge", lambda v, b: v >= b, ">="),
+                ("gt", lambda v, b: v > b, ">"),
+                ("le", lambda v, b: v <= b, "<="),
+                ("lt", lambda v, b: v < b, "<"),
+            ):
+                b = m.get(bound)
+                if b is not None and not ok(value, b):
+                    problems.append(f"{key}: expected a value {word} {b}; got {value}")
+    return problems
+
+
+def _omegaconf_problem(e: Exception) -> str:
+    """Turn an omegaconf validation error into 'key: expected X; got Y'."""
+    import typing
+
+    key = getattr(e, "full_key", None) or "?"
+    value = getattr(e, "value", None)
+    f = _schema_keys(Config).get(re.sub(r"\[\d+\]", "", key))
+    if f is not None and value is not None:
+        t = _type_of(f)
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        expected = " or ".join(getattr(a, "__name__", str(a)) for a in (args or [t]))
+        if args and type(None) in typing.get_args(t):
+            expected += " or null"
+        return f"{key}: expected {expected}; got {value!r} ({type(value).__name__})"
+    msg = getattr(e, "msg", None) or str(e).splitlines()[0]
+    return f"{key}: {msg}"
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
+                world_size: int | None = None) -> Config:
+    """Load CONFIG.yaml (with its parents) plus dotlist overrides, validated, as a Config object.
+
+    Raises ConfigError (exit status 2 at the CLI) naming every offending key.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    user: dict = _read_yaml(Path(path)) if path is not None else {}
+    where_file = f" (in {path})" if path is not None else ""
+    problems = _unknown_keys(user, Config, "", where_file)
+
+    over_dicts = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. model.n_layers=4)")
+        try:
+            od = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override '{item}' cannot be parsed: {e}") from None
+        problems += _unknown_keys(od, Config, "", " (command-line override)")
+        over_dicts.append(od)
+    if problems:
+        raise ConfigError(problems)
+
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, user, *over_dicts)
+        OmegaConf.resolve(merged)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_problem(e)) from None
+
+    problems = _range_problems(cfg) + cross_field_problems(cfg, world_size)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: Config, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the fully resolved config into the run directory (atomically)."""
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / name
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, target)
+    return target
+
+
+def reference_markdown() -> str:
+    """The configuration reference for README.md, generated from the schema."""
+    lines: list[str] = []
+
+    def section(cls: type, prefix: str, title_help: str) -> None:
+        lines.append(f"\n#### `{prefix.rstrip('.')}` — {title_help}\n")
+        lines.append("| key | default | meaning |")
+        lines.append("|---|---|---|")
+        subs = []
+        for f in dataclasses.fields(cls):
+            sub = _dataclass_type(f)
+            if sub is not None:
+                subs.append((sub, f"{prefix}{f.name}.", f.metadata.get("help", "")))
+                continue
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            item = _list_item_dataclass(f)
+            if item is not None:
+                default = [dataclasses.asdict(x) for x in default]
+            shown = "null" if default is None else repr(default).replace("|", "\\|")
+            m = f.metadata
+            rng = []
+            for b, w in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+                if m.get(b) is not None:
+                    rng.append(f"{w} {m[b]}")
+            if m.get("choices"):
+                rng.append("one of " + ", ".join(f"`{c}`" for c in m["choices"]))
+            extra = f" ({'; '.join(rng)})" if rng else ""
+            lines.append(f"| `{prefix}{f.name}` | `{shown}` | {m.get('help', '')}{extra} |")
+        for sub, p, h in subs:
+            section(sub, p, h)
+
+    for f in dataclasses.fields(Config):
+        section(_dataclass_type(f), f.name + ".", f.metadata.get("help", ""))  # type: ignore[arg-type]
+    return "\n".join(lines).lstrip("\n") + "\n"

@@ -1,0 +1,103 @@
+"""Device, accelerator and process-group set-up shared by every command.
+
+DeepSpeed picks its accelerator when first imported, so :func:`select_accelerator` must run
+before ``import deepspeed``: without CUDA it selects DeepSpeed's CPU accelerator and gloo by
+itself, so nobody has to remember ``DS_ACCELERATOR=cpu``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    backend: str
+    device: str  # "cuda:N" or "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def select_accelerator() -> str:
+    """Choose DeepSpeed's accelerator ('cuda' or 'cpu') before deepspeed is imported."""
+    if "DS_ACCELERATOR" not in os.environ:
+        os.environ["DS_ACCELERATOR"] = "cuda" if cuda_available() else "cpu"
+    return os.environ["DS_ACCELERATOR"]
+
+
+def _env_int(*names: str, default: int) -> int:
+    for n in names:
+        v = os.environ.get(n, "")
+        if v.isdigit():
+            return int(v)
+    return default
+
+
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (NCCL on CUDA, gloo on CPU); idempotent.
+
+    Works for plain ``python`` (one process: a local rendezvous is set up), ``torchrun``, the
+    ``deepspeed`` launcher and SLURM (SLURM_PROCID/SLURM_NTASKS when RANK is not set).
+    """
+    accel = select_accelerator()
+    import torch
+    import torch.distributed as torch_dist
+
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port()) if world == 1 else "29500"
+    backend = "nccl" if accel == "cuda" else "gloo"
+    if accel == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not torch_dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    device = f"cuda:{local_rank}" if accel == "cuda" else "cpu"
+    return DistInfo(torch_dist.get_rank(), local_rank, torch_dist.get_world_size(), backend, device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Remove ``--local_rank=N`` (deepspeed launcher) from argv, recording it in LOCAL_RANK."""
+    out: list[str] = []
+    it = iter(range(len(argv)))
+    skip = False
+    for i in it:
+        if skip:
+            skip = False
+            continue
+        a = argv[i]
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(a)
+    return out
