@@ -8,7 +8,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast lint demo bench clean readme-config
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Regenerate the configuration reference in README.md from the schema (a test checks it).
+readme-config: install
+	$(PY) -c "import pathlib; from pretrain.config import reference_markdown as ref; p = pathlib.Path('README.md'); b, e = '<!-- config-reference:begin -->', '<!-- config-reference:end -->'; t = p.read_text(); p.write_text(t.split(b)[0] + b + '\n' + ref() + e + t.split(e, 1)[1])"
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -100,7 +100,8 @@ class DataConfig:
     tokenizer: str = fld("artifacts/tokenizer/tokenizer.json", "Hugging Face tokenizer.json used by the loader.")
     seq_len: int = fld(256, "Training sequence length (tokens per sample, before the +1 shift).", ge=1)
     num_workers: int = fld(0, "DataLoader worker processes per rank.", ge=0)
-    shuffle_buffer: int = fld(1000, "Documents in the seeded shuffle buffer (0 = no shuffling).", ge=0)
+    shuffle: bool = fld(True, "Shuffle the chunk order every epoch and the documents inside each chunk (seeded by run.seed and the epoch).")
+    chunk_docs: int = fld(16, "Documents per chunk: the unit of work dealt to ranks and workers and the shuffle window; a resume re-reads at most one chunk per worker and source.", ge=1)
     mode: str = fld("streaming", "streaming: tokenize scrubbed shards on the fly; pretokenized: read memmap shards.", choices=("streaming", "pretokenized"))
     pretokenized_dir: str = fld("artifacts/pretokenized", "Directory written by `data_pipelines pretokenize`.")
     require_scrubbed: bool = fld(True, "Refuse sources without a scrub manifest.json (privacy gate).")
@@ -119,6 +120,7 @@ class TokenizerConfig:
 @dataclass
 class NormalizeConfig:
     enabled: bool = fld(True, "Repair invalid UTF-8, NFC-normalize, strip control characters.")
+    max_invalid_utf8_ratio: float = fld(0.01, "Records with a larger fraction of undecodable bytes are dropped as malformed.undecodable; fewer are repaired with U+FFFD.", ge=0, le=1)
 
 
 @dataclass
@@ -126,6 +128,7 @@ class LanguageConfig:
     enabled: bool = fld(True, "Keep documents in scrub.language.languages (fastText lid.176, offline).")
     languages: list[str] = fld(["en"], "ISO 639-1 codes to keep.")
     threshold: float = fld(0.65, "Minimum language probability.", ge=0, le=1)
+    max_chars: int = fld(20000, "Classify at most this many leading characters (speed; the language of a document rarely changes after 20k characters).", ge=100)
 
 
 @dataclass
@@ -141,7 +144,16 @@ class QualityConfig:
     min_alpha_words_ratio: float = fld(0.8, "Gopher: minimum fraction of words with an alphabetic character.", ge=0, le=1)
     min_stop_words: int = fld(2, "Gopher: minimum English stop words present.", ge=0)
     repetition: bool = fld(True, "Gopher repetition rules (duplicate lines/paragraphs, top and duplicated n-grams).")
+    max_dup_line_frac: float = fld(0.30, "Gopher: maximum fraction of lines that duplicate an earlier line.", ge=0, le=1)
+    max_dup_para_frac: float = fld(0.30, "Gopher: maximum fraction of paragraphs that duplicate an earlier one.", ge=0, le=1)
+    max_dup_line_char_frac: float = fld(0.20, "Gopher: maximum fraction of characters in duplicated lines.", ge=0, le=1)
+    max_dup_para_char_frac: float = fld(0.20, "Gopher: maximum fraction of characters in duplicated paragraphs.", ge=0, le=1)
+    max_top_ngram_char_frac: list[float] = fld([0.20, 0.18, 0.16], "Gopher: maximum character fraction of the most frequent 2-, 3- and 4-gram.")
+    max_dup_ngram_char_frac: list[float] = fld([0.15, 0.14, 0.13, 0.12, 0.11, 0.10], "Gopher: maximum character fraction in repeated 5- to 10-grams.")
     c4_lines: bool = fld(True, "C4 line rules (drop lines without terminal punctuation, short lines, javascript/policy lines).")
+    c4_min_words_per_line: int = fld(5, "C4: lines with fewer words are removed.", ge=0)
+    c4_min_sentences: int = fld(3, "C4: documents with fewer sentences left after line cleaning are dropped.", ge=0)
+    c4_drop_curly_bracket: bool = fld(True, "C4: drop documents containing '{' (code); off for corpora with math or markup.")
 
 
 @dataclass
@@ -152,6 +164,7 @@ class DedupConfig:
     num_perm: int = fld(128, "MinHash permutations.", ge=16)
     threshold: float = fld(0.8, "Estimated Jaccard similarity above which a document is a near duplicate.", gt=0, le=1)
     ngram: int = fld(5, "Word n-gram size of the shingles.", ge=1)
+    seed: int = fld(1, "Seed of the MinHash permutations (changing it changes signatures, not the decisions' determinism).", ge=0)
 
 
 @dataclass
@@ -160,6 +173,8 @@ class ToxicityConfig:
     threshold: float = fld(0.9, "Drop (or mask) documents whose toxicity score is at least this.", ge=0, le=1)
     action: str = fld("drop", "drop the document, or mask the toxic spans.", choices=("drop", "mask"))
     wordlists: list[str] = fld([], "Extra word-list files (one term per line), C4-style.")
+    quantile: float = fld(0.9, "Document score = this quantile of its sentence-chunk scores (1.0 = max; see toxicity.py for why not max).", ge=0, le=1)
+    chunk_chars: int = fld(400, "Sentences are grouped into chunks of about this many characters before scoring.", ge=20)
 
 
 @dataclass
@@ -167,6 +182,7 @@ class BiasConfig:
     enabled: bool = fld(True, "Audit identity-term mentions among kept and dropped documents, per filter.")
     terms_file: str = fld("", "Identity-term groups (JSON {group: [terms]}); empty = the bundled list.")
     disparity_threshold: float = fld(2.0, "Flag a group whose removal rate is this many times a filter's overall rate.", gt=0)
+    min_docs: int = fld(10, "Flag a group only when at least this many documents mentioning it reached the filter.", ge=1)
     counterfactual_rate: float = fld(0.0, "Fraction of kept documents given a gendered-term swap (0 = off).", ge=0, le=1)
 
 
@@ -197,6 +213,8 @@ class ScrubConfig:
     world_size: int = fld(1, "Machines sharing the scrub.", ge=1)
     max_doc_bytes: int = fld(1_000_000, "Records larger than this are dropped as too_large.", ge=1)
     audit_sample: int = fld(20, "Dropped documents (PII redacted) written to the audit sample per reason.", ge=0)
+    stage: str = fld("all", "all: the whole scrub; or one step of a multi-machine run: signatures (phase 1), write (phases 2-3), merge (manifest + report).", choices=("all", "signatures", "write", "merge"))
+    wait_timeout_s: float = fld(0.0, "With stage=all and world_size > 1: wait this long for other ranks' phase outputs (0 = fail at once and name what is missing).", ge=0)
     normalize: NormalizeConfig = fld(NormalizeConfig(), "Normalization.")
     language: LanguageConfig = fld(LanguageConfig(), "Language filter.")
     quality: QualityConfig = fld(QualityConfig(), "Quality filter.")
@@ -346,6 +364,15 @@ def cross_field_problems(cfg: Config, world_size: int | None = None) -> list[str
     for i, s in enumerate(d.sources):
         if not s.path:
             p.append(f"data.sources[{i}].path is empty")
+    q = cfg.scrub.quality
+    if q.min_mean_word_len > q.max_mean_word_len:
+        p.append("scrub.quality.min_mean_word_len must not exceed scrub.quality.max_mean_word_len")
+    if len(q.max_top_ngram_char_frac) != 3:
+        p.append(f"scrub.quality.max_top_ngram_char_frac needs 3 values (for 2-, 3-, 4-grams), got {len(q.max_top_ngram_char_frac)}")
+    if len(q.max_dup_ngram_char_frac) != 6:
+        p.append(f"scrub.quality.max_dup_ngram_char_frac needs 6 values (for 5- to 10-grams), got {len(q.max_dup_ngram_char_frac)}")
+    if cfg.scrub.stage != "all" and cfg.scrub.workers < 1:
+        p.append("scrub.stage requires scrub.workers >= 1")
     return p
 
 
@@ -392,16 +419,24 @@ def _type_of(f: dataclasses.Field) -> Any:
     return _TYPE_CACHE[id(f)]
 
 
+def _similarity(a: str, b: str) -> float:
+    """Edit similarity, also on sorted '_' parts so `lr_min` finds `min_lr`."""
+    def norm(x: str) -> str:
+        return "_".join(sorted(x.split("_")))
+
+    return max(difflib.SequenceMatcher(None, a, b).ratio(), difflib.SequenceMatcher(None, norm(a), norm(b)).ratio())
+
+
 def _suggest(key: str, valid: list[str]) -> str:
+    """'; did you mean X?' for the nearest valid key: a sibling first, then anywhere."""
     parent, _, leaf = key.rpartition(".")
     siblings = [k for k in valid if k.rpartition(".")[0] == parent]
-    match = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6) or difflib.get_close_matches(
-        key, valid, n=1, cutoff=0.6
-    )
-    if not match:
-        leaf_matches = [k for k in valid if k.rpartition(".")[2] == leaf]
-        match = leaf_matches[:1]
-    return f"; did you mean '{match[0]}'?" if match else ""
+    best = max(siblings, key=lambda k: _similarity(leaf, k.rpartition(".")[2]), default=None)
+    if best is None or _similarity(leaf, best.rpartition(".")[2]) < 0.6:
+        best = max(valid, key=lambda k: _similarity(key, k), default=None)
+        if best is None or _similarity(key, best) < 0.6:
+            return ""
+    return f"; did you mean '{best}'?"
 
 
 def _unknown_keys(node: Any, cls: type, prefix: str, where: str) -> list[str]:

@@ -1,0 +1,151 @@
+"""Fused and memory-lean building blocks: RMSNorm, SwiGLU, RoPE and a chunked cross-entropy.
+
+Everything here is plain PyTorch written so ``torch.compile`` can fuse the element-wise chains
+(norm, gate, rotation) into one kernel each; nothing depends on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (no bias, no mean subtraction), computed in fp32 for stability."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight, statistics in fp32 and the result in x's dtype (as Llama does)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.type_as(x) * weight.to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up: the SwiGLU activation (Shazeer 2020)."""
+    return F.silu(gate) * up
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary position embeddings, Hugging Face Llama "rotate_half" (non-interleaved) convention: the
+# first and second halves of each head form the (real, imaginary) pairs, so exported weights need
+# no permutation.
+# ------------------------------------------------------------------------------------------------
+
+
+def rope_cache(max_seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [max_seq_len, head_dim] in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    t = torch.arange(max_seq_len, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, H, hd] by cos/sin broadcastable to [B, T, 1, hd] (already in x's dtype)."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ------------------------------------------------------------------------------------------------
+# Chunked (fused linear + cross-entropy) loss
+# ------------------------------------------------------------------------------------------------
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean CE of (hidden @ weight.T) without ever holding [tokens x vocab] fp32 logits.
+
+    Forward walks the tokens in chunks: logits of one chunk (fp32), log-sum-exp, loss. When a
+    gradient will be needed it computes that chunk's gradients right away (softmax - onehot, then
+    the two matmuls), so backward only scales them by the incoming scalar gradient: no second
+    logits matmul, and at most one chunk of logits alive at any time (the trick of Liger-Kernel's
+    fused linear cross-entropy). Columns at and beyond ``vocab_size`` (the embedding's padding)
+    are masked to -inf, so they never win and get zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, vocab_size: int, chunk_size: int, compute_dtype):  # type: ignore[override]
+        ctx.weight_dtype = weight.dtype
+        w = weight.to(compute_dtype)
+        h_all = hidden.to(compute_dtype)
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64 in tests
+        valid = labels != IGNORE_INDEX
+        denom = max(int(valid.sum()), 1)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(h_all) if want_h else None
+        grad_weight = torch.zeros(w.shape, dtype=acc_dtype, device=w.device) if want_w else None
+        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        for start in range(0, h_all.shape[0], chunk_size):
+            h = h_all[start : start + chunk_size]
+            y = labels[start : start + chunk_size]
+            ok = y != IGNORE_INDEX
+            logits = (h @ w.t()).to(acc_dtype)
+            if w.shape[0] > vocab_size:
+                logits[:, vocab_size:] = float("-inf")
+            lse = torch.logsumexp(logits, dim=-1)
+            y_safe = torch.where(ok, y, 0)
+            target = logits.gather(1, y_safe[:, None]).squeeze(1)
+            total += torch.where(ok, lse - target, 0.0).sum()
+            if want_h or want_w:
+                # d(mean CE)/d logits = (softmax - onehot) / n_valid on valid rows, 0 elsewhere.
+                g = logits.sub_(lse[:, None]).exp_()
+                g.scatter_add_(1, y_safe[:, None], torch.full_like(lse[:, None], -1.0))
+                g.mul_((ok.to(g.dtype) / denom)[:, None])
+                g = g.to(compute_dtype)
+                if want_h:
+                    torch.matmul(g, w, out=grad_hidden[start : start + chunk_size])
+                if want_w:
+                    grad_weight += (g.t() @ h).to(acc_dtype)
+        ctx.hidden_dtype = hidden.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = gw = None
+        if grad_hidden is not None:
+            gh = (grad_hidden * grad_out.to(grad_hidden.dtype)).to(ctx.hidden_dtype)
+        if grad_weight is not None:
+            gw = (grad_weight * grad_out).to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int | None = None,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (ignore_index -100).
+
+    hidden [N, D], weight [V_padded, D], labels [N]. Value and gradients equal
+    ``F.cross_entropy(hidden @ weight[:vocab_size].T, labels)``; logits exist one chunk of
+    ``chunk_size`` tokens at a time. ``chunk_size=0`` is the unfused reference path. Under
+    autocast the matmuls run in the autocast dtype, as an autocast ``nn.Linear`` would.
+    """
+    vocab_size = weight.shape[0] if vocab_size is None else vocab_size
+    if chunk_size <= 0:
+        logits = (hidden @ weight[:vocab_size].t()).float()
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    dev = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    with torch.autocast(dev, enabled=False):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, vocab_size, chunk_size, compute_dtype)

@@ -1,0 +1,74 @@
+"""The command lines: user errors exit 2 with one message and no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def any_config() -> Path:
+    configs = sorted((REPO / "configs").rglob("*.yaml"))
+    return configs[0] if configs else REPO / "configs" / "demo.yaml"
+
+
+def test_help_lists_subcommands():
+    out = run("-m", "pretrain", "--help").stdout
+    for cmd in ("train", "bench", "export", "generate"):
+        assert cmd in out
+    out = run("-m", "data_pipelines", "--help").stdout
+    for cmd in ("scrub", "train-tokenizer", "pretokenize", "eval-pii", "bench"):
+        assert cmd in out
+
+
+def test_typo_in_override_exits_2_with_suggestion(any_config):
+    p = run("-m", "pretrain", "train", str(any_config), "model.n_layerz=3")
+    assert p.returncode == 2
+    assert "model.n_layerz" in p.stderr and "model.n_layers" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_validation_happens_before_heavy_imports(any_config):
+    """A bad config must be rejected without importing torch or deepspeed (seconds, not minutes)."""
+    code = (
+        "import sys\n"
+        "from pretrain.__main__ import main\n"
+        "try:\n"
+        f"    main(['train', {str(any_config)!r}, 'model.n_layers=-1'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 2, e.code\n"
+        "assert 'torch' not in sys.modules and 'deepspeed' not in sys.modules, 'heavy import before validation'\n"
+    )
+    p = run("-c", code)
+    assert p.returncode == 0, p.stderr
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    p = run("-m", "pretrain", "train", str(tmp_path / "missing.yaml"))
+    assert p.returncode == 2 and "missing.yaml" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_print_config_prints_resolved_yaml_and_exits(any_config):
+    p = run("-m", "pretrain", "train", str(any_config), "run.name=printed", "--print-config")
+    assert p.returncode == 0, p.stderr
+    assert "name: printed" in p.stdout and "model:" in p.stdout
+
+
+def test_data_pipelines_config_errors_exit_2(any_config):
+    p = run("-m", "data_pipelines", "scrub", str(any_config), "scrub.workerz=2")
+    assert p.returncode == 2 and "scrub.workers" in p.stderr
+
+
+def test_deepspeed_launcher_local_rank_argument_is_accepted(any_config):
+    p = run("-m", "pretrain", "--local_rank=0", "train", str(any_config), "--print-config")
+    assert p.returncode == 0, p.stderr
