@@ -10,8 +10,8 @@ Backends (``model.attention``):
   CPU, so a CPU training step cannot use it; ``auto`` never picks it there).
 - ``eager``: the textbook softmax(QK^T / sqrt(d)) V in fp32, the reference the tests compare with.
 
-``auto`` picks, per device / dtype / masking mode, the fastest backend available and logs the
-choice once. Tensors enter as q [B, Tq, H, hd] and k, v [B, Tk, Hkv, hd] (grouped-query attention
+``auto`` picks, per device / dtype / masking mode / length, the fastest backend available and
+logs the choice once. Tensors enter as q [B, Tq, H, hd] and k, v [B, Tk, Hkv, hd] (grouped-query attention
 when Hkv < H) and leave as [B, Tq, H, hd].
 """
 
@@ -61,15 +61,25 @@ def check_backend(name: str) -> None:
 _logged: set[tuple] = set()
 
 
-def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, doc_masking: bool) -> str:
-    """The concrete backend for ``requested`` on this device, dtype and masking mode."""
+# On CPU, for bf16 sequences up to this length, two plain bf16 matmuls + an fp32 softmax (eager)
+# beat the fused CPU flash kernel, whose backward is slow: measured ~1.06x per training step at
+# the bench shape (T=256), while at T=512 and beyond SDPA wins.
+CPU_EAGER_MAX_SEQ = 256
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, doc_masking: bool,
+                    seq_len: int | None = None) -> str:
+    """The concrete backend for ``requested`` on this device, dtype, masking mode and length."""
+    half = dtype in (torch.float16, torch.bfloat16)
     if requested != "auto":
         choice, why = requested, "requested"
-    elif device.type == "cuda" and flash_attn_available() and dtype in (torch.float16, torch.bfloat16):
+    elif device.type == "cuda" and flash_attn_available() and half:
         choice = "flash_attn"
         why = "flash-attn installed" + (" (varlen kernel for document masking)" if doc_masking else "")
     elif device.type == "cuda" and doc_masking and flex_available():
         choice, why = "flex", "CUDA with document masking and no flash-attn: block-sparse FlexAttention"
+    elif device.type == "cpu" and half and seq_len is not None and seq_len <= CPU_EAGER_MAX_SEQ:
+        choice, why = "eager", f"CPU, {str(dtype).removeprefix('torch.')}, sequence <= {CPU_EAGER_MAX_SEQ}: bf16 matmuls beat the CPU flash kernel"
     else:
         choice = "sdpa"
         why = "fused SDPA kernel" + (" with a block-diagonal causal mask" if doc_masking else "")
@@ -173,14 +183,19 @@ def _sdpa(q, k, v, mask: AttnMask) -> torch.Tensor:
 
 
 def eager_attention(q, k, v, mask: AttnMask) -> torch.Tensor:
-    """Reference implementation: explicit scores, fp32 softmax, -inf where masked."""
+    """Textbook attention: explicit scores in the input dtype, softmax in fp32, -inf where masked.
+
+    With fp32 inputs this is the exact reference the tests compare every backend against. With
+    bf16 inputs it is also the fastest CPU path for short sequences (the [T x T] scores are small
+    and two plain bf16 matmuls beat the fused CPU flash kernel's backward), see ``resolve_backend``.
+    """
     B, Tq, H, hd = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=2)
         v = v.repeat_interleave(H // Hkv, dim=2)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    scores = (q.float() @ k.float().transpose(-1, -2)) / hd**0.5
+    scores = (q @ k.transpose(-1, -2)) * hd**-0.5
     if mask.kind == "causal":
         allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
         scores = scores.masked_fill(~allowed, float("-inf"))
@@ -188,8 +203,8 @@ def eager_attention(q, k, v, mask: AttnMask) -> torch.Tensor:
         scores = scores.masked_fill(~mask.dense, float("-inf"))
     elif mask.kind != "none":
         raise ValueError(f"eager attention cannot take a '{mask.kind}' mask")
-    out = torch.softmax(scores, dim=-1) @ v.float()
-    return out.to(q.dtype).transpose(1, 2)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return (probs @ v).transpose(1, 2)
 
 
 def _flash_attn(q, k, v, mask: AttnMask) -> torch.Tensor:

@@ -61,8 +61,9 @@ UNIVERSAL_TAG = "universal"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.yaml"
 # Fault injection for the crash tests: "after_shards" (every shard and rank file written, no
-# marker yet) or "after_marker" (marker written, `latest` not moved); "POINT@STEP" limits it to the
-# save of that step. The process SIGKILLs itself there, as a node failure would.
+# marker yet), "after_marker" (marker written, `latest` not moved) or "step" (in `due`, right after
+# a training step, outside any save); "POINT@STEP" limits it to that step. Every rank SIGKILLs
+# itself there, as a node failure would.
 FAULT_ENV = "PRETRAIN_CKPT_FAULT"
 
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
@@ -186,7 +187,10 @@ def read_marker(step_dir: str | os.PathLike) -> dict:
 
 
 def _check_sizes(step_dir: Path, files: dict) -> list[str]:
-    problems = []
+    """Every listed file present with its size, and no unlisted file (DeepSpeed globs shard names,
+    so an extra file would be loaded without ever being hashed)."""
+    problems = [f"{step_dir / rel}: not listed in {MARKER} (added after the save?)"
+                for rel in _payload_files(step_dir) if rel not in files]
     for rel, info in files.items():
         p = step_dir / rel
         if not p.is_file():
@@ -256,7 +260,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (p / MARKER).exists() or _STEP_RE.match(p.name):
         read_marker(p)  # raises with the file name when incomplete or foreign
         return p
-    for cand in (p, p / "checkpoints"):
+    cands = [p, p / "checkpoints"]
+    if (p / CONFIG_FILE).is_file():  # a run directory whose checkpoint.dir lies elsewhere
+        try:
+            import yaml
+
+            cands.append(Path(yaml.safe_load((p / CONFIG_FILE).read_text())["checkpoint"]["dir"]))
+        except Exception:  # not our config: fall through to the error below
+            pass
+    for cand in cands:
         if cand.is_dir() and list_checkpoints(cand):
             latest = find_latest_complete(cand)
             if latest is None:
@@ -438,11 +450,14 @@ class Checkpointer:
         self.dir = Path(cfg.checkpoint.dir)
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
+        # (states of every saved rank, new world size) -> one state per new rank; the loader's.
+        self.reshard: Any = None
 
     # ---- when ---------------------------------------------------------------------------
 
     def due(self, step: int) -> bool:
         """Periodic save by steps (checkpoint.every_steps) or wall clock (checkpoint.every_minutes)."""
+        _maybe_fault("step", step)
         c = self.cfg.checkpoint
         if step <= 0 or step == self._last_saved_step:
             return False
@@ -681,8 +696,9 @@ class Checkpointer:
             loader_state = per_rank[rank]["loader"]
             set_rng_state(per_rank[rank]["rng"])
         else:
-            from data_pipelines.stream import reshard_states
-
+            reshard_states = self.reshard
+            if reshard_states is None:
+                from data_pipelines.stream import reshard_states
             states = [r["loader"] for r in per_rank]
             loader_state = reshard_states(states, world)[rank] if all(s is not None for s in states) else None
             # Bitwise continuation is impossible across world sizes anyway (other batch split);
@@ -712,6 +728,15 @@ class Checkpointer:
         udir = step_dir / UNIVERSAL_TAG
         umarker = udir / MARKER
         err = None
+        if self.info.rank == 0 and umarker.is_file():
+            try:  # converted by an earlier elastic resume: reuse it only if it is intact
+                m = read_marker(udir)
+                bad = _check_sizes(udir, m["files"]) or _check_hashes(udir, m["files"], sorted(m["files"]))
+            except CheckpointError as e:
+                bad = [str(e)]
+            if bad:
+                log.warning("universal checkpoint %s is damaged (%s); converting again", udir, bad[0])
+                umarker.unlink()
         if self.info.rank == 0 and not umarker.is_file():
             try:
                 convert_to_universal(step_dir)
@@ -742,7 +767,8 @@ def convert_to_universal(step_dir: str | os.PathLike) -> Path:
     files = {}
     for p in sorted(udir.rglob("*")):
         if p.is_file():
-            files[p.relative_to(udir).as_posix()] = {"size": p.stat().st_size}
+            files[p.relative_to(udir).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p, fsync=True)}
+    _fsync_dir(udir)
     write_json_atomic(udir / MARKER, {"format": FORMAT, "format_version": FORMAT_VERSION, "universal": True, "files": files})
     log.info("converted %s to a universal checkpoint in %.1fs", step_dir, time.monotonic() - t0)
     return udir

@@ -95,23 +95,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = h_all[start : start + chunk_size]
             y = labels[start : start + chunk_size]
             ok = y != IGNORE_INDEX
-            logits = (h @ w.t()).to(acc_dtype)
+            y_safe = torch.where(ok, y, 0)[:, None]
+            logits = h @ w.t()
             if w.shape[0] > vocab_size:
                 logits[:, vocab_size:] = float("-inf")
-            lse = torch.logsumexp(logits, dim=-1)
-            y_safe = torch.where(ok, y, 0)
-            target = logits.gather(1, y_safe[:, None]).squeeze(1)
-            total += torch.where(ok, lse - target, 0.0).sum()
-            if want_h or want_w:
-                # d(mean CE)/d logits = (softmax - onehot) / n_valid on valid rows, 0 elsewhere.
-                g = logits.sub_(lse[:, None]).exp_()
-                g.scatter_add_(1, y_safe[:, None], torch.full_like(lse[:, None], -1.0))
-                g.mul_((ok.to(g.dtype) / denom)[:, None])
-                g = g.to(compute_dtype)
-                if want_h:
-                    torch.matmul(g, w, out=grad_hidden[start : start + chunk_size])
-                if want_w:
-                    grad_weight += (g.t() @ h).to(acc_dtype)
+            logp = torch.log_softmax(logits, dim=-1, dtype=acc_dtype)  # one fused pass
+            del logits
+            logp_target = logp.gather(1, y_safe)
+            total -= torch.where(ok[:, None], logp_target, 0.0).sum()
+            if not (want_h or want_w):
+                continue
+            # d(mean CE)/d logits = (softmax - onehot) * scale, scale = 1/n_valid on valid rows
+            # and 0 on ignored ones. softmax is written straight in the compute dtype; the target
+            # column (p - 1, where cancellation matters) is computed in fp32 and scattered in.
+            g = torch.exp(logp, out=torch.empty(logp.shape, dtype=compute_dtype, device=logp.device))
+            del logp
+            g.scatter_(1, y_safe, (logp_target.exp() - 1).to(compute_dtype))
+            # The row scale goes on the [chunk, d_model] side of each matmul, not on [chunk, vocab].
+            scale = (ok.to(acc_dtype) / denom)[:, None]
+            if want_h:
+                grad_hidden[start : start + chunk_size] = ((g @ w).to(acc_dtype) * scale).to(compute_dtype)
+            if want_w:
+                grad_weight += (g.t() @ (h.to(acc_dtype) * scale).to(compute_dtype)).to(acc_dtype)
         ctx.hidden_dtype = hidden.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / denom

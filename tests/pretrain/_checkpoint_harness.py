@@ -5,6 +5,7 @@ whose state is a global sample index, so exact resume and elastic resume can be 
 the full trainer. Prints one JSON line per step per rank: {"rank", "step", "loss", "samples"}.
 
 usage: _checkpoint_harness.py CKPT_DIR ZERO_STAGE MAX_STEPS EVERY [KILL_AT_STEP] [RESUME]
+(PRETRAIN_CKPT_FAULT in the environment injects a crash inside a save.)
 """
 
 import json
@@ -14,8 +15,10 @@ import signal
 import sys
 
 from pretrain.dist import init_distributed
+from pretrain.logging_setup import setup_logging
 
 info = init_distributed()
+setup_logging("info")
 
 import deepspeed  # noqa: E402
 import numpy as np  # noqa: E402
@@ -34,6 +37,8 @@ cfg = load_config(None, [f"checkpoint.dir={ckpt_dir}", f"checkpoint.every_steps=
                   world_size=info.world_size)
 
 torch.manual_seed(0)
+np.random.seed(1 + info.rank)
+random.seed(2 + info.rank)
 model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Dropout(0.1), torch.nn.GELU(), torch.nn.Linear(64, 64),
                             torch.nn.GELU(), torch.nn.Linear(64, 1))
 ds_config = {
@@ -55,6 +60,10 @@ state, loader = (resumed[0], resumed[1]) if resumed else (TrainState(), {"next":
 W = torch.tensor([[0.5 - 0.1 * i] for i in range(16)])
 
 
+def emit(row: dict) -> None:
+    os.write(1, (json.dumps(row) + "\n").encode())  # one write: lines of both ranks never interleave
+
+
 def batch(first: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     idx = [first + info.rank * MICRO + j for j in range(MICRO)]
     xs = torch.stack([torch.randn(16, generator=torch.Generator().manual_seed(i)) for i in idx])
@@ -70,9 +79,12 @@ while state.step < max_steps:
     loader["next"] += MICRO * info.world_size
     state.step += 1
     state.tokens_seen += MICRO * info.world_size
-    print(json.dumps({"rank": info.rank, "step": state.step, "loss": loss.item(), "samples": idx}), flush=True)
+    emit({"rank": info.rank, "step": state.step, "loss": loss.item(), "samples": idx,
+          "lr": engine.get_lr()[0], "global_steps": engine.global_steps})
     if state.step == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
     if ckpt.due(state.step):
         ckpt.save(state, dict(loader))
-print(json.dumps({"rank": info.rank, "done": state.step}), flush=True)
+emit({"rank": info.rank, "done": state.step})
+torch.distributed.barrier()  # no rank leaves while another is still in a collective
+torch.distributed.destroy_process_group()

@@ -1,0 +1,325 @@
+"""Pretokenized mode: token ids in memmap shards, read by seeded sample index.
+
+`pretokenize(cfg)` tokenizes every training source (scrubbed only: the privacy gate applies; the
+validation hold-out of `data.val_fraction` is left out) into ``<dir>/<source>/<shard>.bin``
+(uint16 when the vocabulary has fewer than 65,536 tokens, else uint32; documents joined by the
+separator), one file per scrubbed shard, plus ``index.json`` (token counts, tokenizer hash, the
+scrub manifests' hashes and copies under ``manifests/``). It is written last, atomically, and a
+rerun with the same tokenizer and manifests does nothing.
+
+The loader (`PretokenizedLoader`) cuts each shard into samples of seq_len + 1 tokens overlapping
+by one. Global sample ``g`` of the job picks a source with a counter-based seeded draw (weights
+from `data.sources`); the ``k``-th draw of source ``s`` is its sample ``perm(seed, s, k // N_s)
+[k % N_s]`` (a fresh permutation each epoch). Data-parallel rank ``r`` of ``n`` takes global
+samples ``[g + r*mb, g + (r+1)*mb)`` of each global batch. The state is the next global sample
+index and the per-source draw counts, identical on every rank, so restoring is O(1) and a
+different world size simply continues from the same global index (elastic by construction).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import IterableDataset
+
+from data_pipelines.packing import make_batch
+from data_pipelines.sources import is_heldout, open_sources
+from pretrain.errors import UserError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+_MIX_BLOCK = 4096
+_TAG_MIX, _TAG_PERM = 21, 22
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size < 2**16 else np.dtype(np.uint32)
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def pretokenize(cfg) -> int:
+    """`python -m data_pipelines pretokenize`: data.sources -> data.pretokenized_dir."""
+    from data_pipelines.stream import _heldout_fraction, _tokenizer_and_eos
+
+    d = cfg.data
+    out = Path(d.pretokenized_dir)
+    sources = open_sources(d.sources, "data.sources", d.require_scrubbed, d.chunk_docs)
+    tok, eos = _tokenizer_and_eos(cfg, None)
+    dtype = token_dtype(tok.get_vocab_size())
+    frac = _heldout_fraction(cfg)
+    tok_sha = _sha256(tok.source_path)
+    wanted = {
+        "tokenizer_sha256": tok_sha,
+        "heldout_fraction": frac,
+        "sources": [{"name": s.name, "path": str(Path(s.path).resolve()),
+                     "manifest_sha256": _sha256(Path(s.path) / "manifest.json") if s.scrubbed else None}
+                    for s in sources],
+    }
+    index_path = out / INDEX_NAME
+    if index_path.is_file():
+        try:
+            old = json.loads(index_path.read_text())
+            if {k: old.get(k) for k in ("tokenizer_sha256", "heldout_fraction")} == {k: wanted[k] for k in ("tokenizer_sha256", "heldout_fraction")} \
+                    and [{k: s.get(k) for k in ("name", "path", "manifest_sha256")} for s in old.get("sources", [])] == wanted["sources"]:
+                log.info("pretokenize: %s is up to date", index_path)
+                return 0
+        except ValueError:
+            pass
+    start, total = time.perf_counter(), 0
+    index = {"format_version": 1, "dtype": dtype.name, "vocab_size": tok.get_vocab_size(), "eos_id": eos,
+             "tokenizer": tok.source_path, **wanted, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for s, entry in zip(sources, index["sources"], strict=True):
+        entry["weight"] = s.weight
+        entry["shards"] = []
+        (out / s.name).mkdir(parents=True, exist_ok=True)
+        if s.manifest is not None:
+            (out / "manifests").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(s.path) / "manifest.json", out / "manifests" / f"{s.name}.json")
+            entry["config_hash"] = s.manifest.get("config_hash")
+        for si, shard in enumerate(s.shards):
+            ids, texts = s.reader.read(si, 0, shard.rows)
+            keep = [t for i, t in zip(ids, texts, strict=True)
+                    if isinstance(t, str) and t and not is_heldout(i, frac)]
+            rel = f"{s.name}/{si:05d}.bin"
+            tmp = out / f"{rel}.tmp"
+            n_tokens = 0
+            with open(tmp, "wb") as f:
+                for b in range(0, len(keep), 256):
+                    for enc in tok.encode_batch(keep[b:b + 256], add_special_tokens=False):
+                        arr = np.empty(len(enc.ids) + 1, dtype=dtype)
+                        arr[:-1] = enc.ids
+                        arr[-1] = eos
+                        f.write(arr.tobytes())
+                        n_tokens += len(arr)
+            os.replace(tmp, out / rel)
+            entry["shards"].append({"path": rel, "tokens": n_tokens, "docs": len(keep), "source_shard": str(shard.path)})
+            total += n_tokens
+    tmp = out / f".{INDEX_NAME}.tmp"
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(tmp, index_path)
+    log.info("pretokenize: %d tokens (%s) in %.1fs -> %s", total, dtype.name, time.perf_counter() - start, out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Loader
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_perm(seed: int, src: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, _TAG_PERM, src, epoch]).permutation(n)
+
+
+class _Samples:
+    """Sample ids of one rank, from global index g on: (source, epoch, sample) per row."""
+
+    def __init__(self, seed: int, weights: list[float], n_samples: list[int]):
+        self.seed, self.n = seed, n_samples
+        w = np.asarray(weights, dtype=np.float64)
+        self.p = w / w.sum()
+        self._block: tuple[int, np.ndarray] | None = None
+
+    def choices(self, g: int, count: int) -> np.ndarray:
+        if len(self.n) == 1:
+            return np.zeros(count, dtype=np.int64)
+        out = np.empty(count, dtype=np.int64)
+        done = 0
+        while done < count:
+            b, off = divmod(g + done, _MIX_BLOCK)
+            if self._block is None or self._block[0] != b:
+                rng = np.random.default_rng([self.seed, _TAG_MIX, b])
+                self._block = (b, rng.choice(len(self.n), size=_MIX_BLOCK, p=self.p))
+            take = min(count - done, _MIX_BLOCK - off)
+            out[done:done + take] = self._block[1][off:off + take]
+            done += take
+        return out
+
+    def draws(self, choices: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Per element: the source's draw number (counts before + occurrences earlier in the block)."""
+        k = np.empty(len(choices), dtype=np.int64)
+        for s in range(len(self.n)):
+            m = choices == s
+            k[m] = counts[s] + np.arange(int(m.sum()))
+        return k
+
+
+class PretokenizedLoader:
+    """Same interface and batch format as the streaming `TrainLoader`, over pretokenized shards."""
+
+    def __init__(self, cfg, rank: int, world: int, trace: bool = False):
+        d = cfg.data
+        root = Path(d.pretokenized_dir)
+        try:
+            self.index = json.loads((root / INDEX_NAME).read_text())
+        except FileNotFoundError:
+            raise UserError(f"data.pretokenized_dir: {root / INDEX_NAME} not found; run "
+                            "`python -m data_pipelines pretokenize` first") from None
+        except ValueError as e:
+            raise UserError(f"data.pretokenized_dir: {root / INDEX_NAME} is corrupt: {e}") from None
+        if Path(d.tokenizer).is_file() and _sha256(d.tokenizer) != self.index["tokenizer_sha256"]:
+            raise UserError(f"data.pretokenized_dir ({root}) was written with another tokenizer than data.tokenizer "
+                            f"({d.tokenizer}); rerun `python -m data_pipelines pretokenize`")
+        if self.index["vocab_size"] > cfg.model.vocab_size:
+            raise UserError(f"data.pretokenized_dir ({root}) holds ids of a {self.index['vocab_size']}-token vocabulary, "
+                            f"more than model.vocab_size ({cfg.model.vocab_size})")
+        weights = {s.name: s.weight for s in d.sources}
+        names = [s["name"] for s in self.index["sources"]]
+        if sorted(weights) != sorted(names):
+            raise UserError(f"data.sources names {sorted(weights)} do not match the pretokenized sources {sorted(names)} "
+                            f"in {root}; rerun `python -m data_pipelines pretokenize`")
+        self.unscrubbed_sources = [s["path"] for s in self.index["sources"] if not s.get("manifest_sha256")]
+        self.root, self.rank, self.world, self.trace = root, rank, world, trace
+        self.L, self.mb, self.seed = d.seq_len, cfg.train.micro_batch_size, cfg.run.seed
+        self.num_workers, self.prefetch = d.num_workers, d.prefetch
+        self.W = max(1, d.num_workers)
+        self.dtype = np.dtype(self.index["dtype"])
+        self.eos = int(self.index["eos_id"])
+        # per source: shard paths and cumulative sample counts
+        self.shards, self.cum = [], []
+        for s in self.index["sources"]:
+            counts = [max(0, (sh["tokens"] - 1) // self.L) for sh in s["shards"]]
+            self.shards.append([root / sh["path"] for sh in s["shards"]])
+            self.cum.append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+            if self.cum[-1][-1] == 0:
+                raise UserError(f"pretokenized source {s['name']} in {root} has fewer than data.seq_len + 1 tokens")
+        self.n_samples = [int(c[-1]) for c in self.cum]
+        self.weights = [weights[n] for n in names]
+        self.g, self.counts = 0, [0] * len(names)
+        self.next_local, self.batches_done = 0, 0
+        self._it: Iterator | None = None
+        self._dl_iter = None
+        self._maps: dict[tuple[int, int], np.memmap] = {}
+
+    # -- reading ------------------------------------------------------------------------------
+    def _window(self, src: int, sample: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.cum[src], sample, side="right") - 1)
+        off = (sample - int(self.cum[src][shard])) * self.L
+        m = self._maps.get((src, shard))
+        if m is None:
+            m = self._maps[(src, shard)] = np.memmap(self.shards[src][shard], dtype=self.dtype, mode="r")
+        return m[off:off + self.L + 1]
+
+    def _batches(self, g0: int, counts0: list[int], slot: int) -> Iterator[tuple]:
+        """Local batches slot, slot+W, ... from global index g0: (batch, local slot, state after)."""
+        import torch
+
+        samples = _Samples(self.seed, self.weights, self.n_samples)
+        per_global = self.world * self.mb
+        g, counts, t = g0, np.asarray(counts0, dtype=np.int64), 0
+        while True:
+            c = samples.choices(g, per_global)
+            k = samples.draws(c, counts)
+            if t % self.W == slot:
+                lo = self.rank * self.mb
+                windows = np.empty((self.mb, self.L + 1), dtype=np.int64)
+                trace = []
+                for j in range(self.mb):
+                    src, draw = int(c[lo + j]), int(k[lo + j])
+                    epoch, i = divmod(draw, self.n_samples[src])
+                    sample = int(_epoch_perm(self.seed, src, epoch, self.n_samples[src])[i])
+                    windows[j] = self._window(src, sample)
+                    trace.append((src, epoch, sample))
+                batch = {k2: torch.from_numpy(v) for k2, v in make_batch(windows, self.eos).items()}
+                if self.trace:
+                    batch["trace"] = trace
+            counts = counts + np.bincount(c, minlength=len(self.n_samples))
+            g += per_global
+            if t % self.W == slot:
+                yield batch, slot, {"g": g, "counts": counts.tolist()}
+            t += 1
+
+    def __iter__(self) -> PretokenizedLoader:
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = self._start()
+        batch, slot, state = next(self._it)
+        self.g, self.counts = state["g"], state["counts"]
+        self.batches_done += 1
+        return batch
+
+    def _start(self) -> Iterator[tuple]:
+        if self.num_workers == 0:
+            return self._batches(self.g, self.counts, 0)
+        import torch
+        from torch.utils.data import DataLoader
+
+        from data_pipelines.stream import _identity
+
+        ds = _PretokWorkers(self, self.g, list(self.counts))
+        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                        prefetch_factor=self.prefetch, pin_memory=torch.cuda.is_available())
+        self._dl_iter = iter(dl)
+        return self._dl_iter
+
+    def close(self) -> None:
+        it, self._dl_iter, self._it = self._dl_iter, None, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __getstate__(self):  # sent to workers without open memmaps or iterators
+        st = dict(self.__dict__)
+        st.update(_maps={}, _it=None, _dl_iter=None)
+        return st
+
+    # -- state --------------------------------------------------------------------------------
+    def _fingerprint(self) -> dict:
+        return {"seed": self.seed, "seq_len": self.L, "samples": self.n_samples,
+                "sources": [s["name"] for s in self.index["sources"]]}
+
+    def state_dict(self) -> dict:
+        from data_pipelines.stream import STATE_VERSION
+
+        return {"format": "pretrain.loader", "version": STATE_VERSION, "mode": "pretokenized",
+                "rank": self.rank, "world": self.world, "workers": self.W, "micro_batch": self.mb,
+                "batches": self.batches_done, "g": self.g, "counts": list(self.counts), **self._fingerprint()}
+
+    def load_state_dict(self, d: dict) -> None:
+        from data_pipelines.stream import check_state
+
+        check_state(d, "pretokenized", self.rank, self.world)
+        mine = self._fingerprint()
+        for k in mine:
+            if d[k] != mine[k]:
+                raise UserError(f"loader state does not match the pretokenized data ({k}: state has {d[k]!r}, "
+                                f"now {mine[k]!r})")
+        if d["micro_batch"] != self.mb:
+            raise UserError(f"loader state was saved with train.micro_batch_size={d['micro_batch']}, now {self.mb}")
+        self.close()
+        self.g, self.counts, self.batches_done = int(d["g"]), list(d["counts"]), int(d["batches"])
+
+
+class _PretokWorkers(IterableDataset):
+    """IterableDataset body: worker `slot` produces local batches slot, slot + W, ..."""
+
+    def __init__(self, loader: PretokenizedLoader, g: int, counts: list[int]):
+        self.loader, self.g, self.counts = loader, g, counts
+
+    def __iter__(self):
+        import torch
+
+        info = torch.utils.data.get_worker_info()
+        yield from self.loader._batches(self.g, self.counts, info.id if info else 0)
+
+
+def reshard_pretokenized(states: list[dict], new_world: int) -> list[dict]:
+    """Every rank holds the same global position; a new world continues from it."""
+    first = states[0]
+    if any((s["g"], s["counts"]) != (first["g"], first["counts"]) for s in states):
+        raise UserError("pretokenized loader states of the ranks disagree on the global sample index")
+    return [{**first, "rank": r, "world": new_world} for r in range(new_world)]

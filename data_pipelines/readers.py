@@ -1,0 +1,297 @@
+"""Streaming readers: every input becomes an iterator of :class:`Record` without loading a corpus.
+
+Inputs (``scrub.inputs``), resolved into *units* (one unit = one file or one hub dataset; units
+are what workers and machines share out and what resume skips):
+
+- local files, globs and directories: ``.jsonl``/``.json``(lines) optionally ``.gz``/``.zst``,
+  ``.parquet``, plain text (``.txt``, ``.md``; one document per file);
+- ``hf:NAME[:CONFIG]``: a Hugging Face dataset streamed with ``load_dataset(..., streaming=True)``
+  (``scrub.hf_split``); a local dataset directory works the same way, which is how it is tested;
+- ``builtin:enwiki-sample``: the 106 Wikipedia articles gensim ships in its wheel (MediaWiki XML,
+  CC BY-SA), markup stripped, one document per article, title and licence kept in ``meta``.
+
+Malformed records are yielded with ``error`` set (``bad_json``, ``missing_text``,
+``non_string_text``, ``too_large``; ``undecodable`` and ``empty_text`` are decided after
+normalization) so the scrub counts them; nothing raises on bad data and nothing is skipped silently.
+
+Why jsonl does not go through HF's ``json`` builder: it parses whole blocks with pyarrow and raises
+on the first bad line, killing the whole file. We stream lines through HF's ``text`` builder and
+parse each line ourselves. The text builder is opened with ``encoding="latin-1"`` (a lossless
+byte <-> char mapping) and we re-decode each line as UTF-8 with ``surrogateescape``: a strict
+UTF-8 open would also raise on the first undecodable byte, and pyarrow refuses surrogates.
+Compressed local files take our own streaming decompressor instead, because HF's streaming open
+drops the ``encoding`` argument for compressed files (one bad byte would again kill the file).
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrain.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ENWIKI = "builtin:enwiki-sample"
+ENWIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+ENWIKI_LICENSE = "CC BY-SA 3.0"
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+COMPRESSIONS = (".gz", ".zst")
+
+
+@dataclass(frozen=True)
+class InputUnit:
+    """One independently processable input (a file or a hub dataset)."""
+
+    index: int
+    kind: str  # jsonl | parquet | text | hf | enwiki
+    path: str  # file path, hub name (without hf:), or the builtin name
+    config: str | None = None  # hub dataset config
+
+    @property
+    def key(self) -> str:
+        """File-name-safe, unique and stable name used for markers and temp files."""
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.path).name or self.path)[-60:]
+        return f"{self.index:05d}-{stem}"
+
+
+@dataclass(slots=True)
+class Record:
+    id: str
+    text: str | None
+    source: str
+    meta: dict = field(default_factory=dict)
+    error: str | None = None  # malformed reason, or None
+    nbytes: int = 0  # raw size of the record
+
+
+def _kind_of(path: str, forced: str) -> str:
+    if forced != "auto":
+        return forced
+    name = path.lower()
+    for c in COMPRESSIONS:
+        name = name.removesuffix(c)
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    raise UserError(f"scrub.inputs: cannot tell the format of {path} from its extension; set scrub.input_format")
+
+
+def resolve_inputs(cfg) -> list[InputUnit]:
+    """Expand scrub.inputs into units in a deterministic order (inputs in the given order, files
+    within a glob or directory sorted). Raises UserError naming an input that matches nothing."""
+    units: list[tuple[str, str, str | None]] = []
+    for spec in cfg.inputs:
+        if spec == ENWIKI:
+            units.append(("enwiki", spec, None))
+        elif spec.startswith("builtin:"):
+            raise UserError(f"scrub.inputs: unknown builtin corpus {spec!r}; available: {ENWIKI}")
+        elif spec.startswith("hf:"):
+            name, _, conf = spec[3:].partition(":")
+            if not name:
+                raise UserError(f"scrub.inputs: {spec!r} must look like hf:NAME or hf:NAME:CONFIG")
+            units.append(("hf", name, conf or None))
+        else:
+            p = Path(spec)
+            if p.is_dir():
+                files = sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            elif glob.has_magic(spec):
+                files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
+            elif p.is_file():
+                files = [spec]
+            else:
+                raise UserError(f"scrub.inputs: {spec} does not exist")
+            if not files:
+                raise UserError(f"scrub.inputs: {spec} matches no files")
+            for f in files:
+                units.append((_kind_of(f, cfg.input_format), str(Path(f).resolve()), None))
+    return [InputUnit(i, kind, path, conf) for i, (kind, path, conf) in enumerate(units)]
+
+
+def input_info(unit: InputUnit) -> dict:
+    """Manifest entry of an input: path, size and a content fingerprint (sha256 of local files)."""
+    from data_pipelines.manifest import file_sha256
+
+    if unit.kind == "enwiki":
+        path = enwiki_path()
+        return {"input": unit.path, "path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    if unit.kind == "hf":
+        return {"input": f"hf:{unit.path}" + (f":{unit.config}" if unit.config else ""), "bytes": None, "sha256": None}
+    p = Path(unit.path)
+    return {"input": unit.path, "path": unit.path, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
+
+
+def read_unit(unit: InputUnit, cfg) -> Iterator[Record]:
+    """Stream the records of one unit (cfg = the scrub config section)."""
+    if unit.kind == "enwiki":
+        yield from read_enwiki()
+    elif unit.kind == "jsonl":
+        yield from _read_jsonl(unit, cfg)
+    elif unit.kind == "text":
+        yield from _read_text_file(unit, cfg)
+    elif unit.kind in ("parquet", "hf"):
+        yield from _read_rows(unit, cfg)
+    else:
+        raise UserError(f"scrub.input_format {unit.kind!r} is not supported")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _hf():
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _decompressed_lines(path: str) -> Iterator[bytes]:
+    if path.endswith(".gz"):
+        with gzip.open(path, "rb") as f:
+            yield from f
+    else:
+        import io
+
+        import zstandard
+
+        with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as z:
+            yield from io.BufferedReader(z, buffer_size=1 << 20)
+
+
+def _raw_lines(path: str) -> Iterator[str]:
+    """Lines of a (possibly compressed) file as str; undecodable bytes become lone surrogates."""
+    if path.endswith(COMPRESSIONS):
+        for b in _decompressed_lines(path):
+            yield b.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+        return
+    ds = _hf().load_dataset("text", data_files=[path], split="train", streaming=True, encoding="latin-1")
+    for row in ds:
+        yield row["text"].encode("latin-1").decode("utf-8", "surrogateescape")
+
+
+def _record_from_obj(obj, where: str, cfg, nbytes: int, source: str) -> Record:
+    if not isinstance(obj, dict):
+        return Record(where, None, source, {}, "bad_json", nbytes)
+    rid = obj.get(cfg.id_field)
+    rid = where if rid is None else str(rid)
+    if cfg.text_field not in obj or obj[cfg.text_field] is None:
+        return Record(rid, None, source, {}, "missing_text", nbytes)
+    text = obj[cfg.text_field]
+    if not isinstance(text, str):
+        return Record(rid, None, source, {}, "non_string_text", nbytes)
+    meta = {k: v for k, v in obj.items() if k not in (cfg.text_field, cfg.id_field)}
+    return Record(rid, text, source, meta, None, nbytes)
+
+
+def _too_large(line: str, limit: int) -> bool:
+    # len() counts characters <= bytes; encode only when the answer is not already clear.
+    return len(line) > limit or (len(line) * 4 > limit and len(line.encode("utf-8", "surrogatepass")) > limit)
+
+
+def _read_jsonl(unit: InputUnit, cfg) -> Iterator[Record]:
+    source = Path(unit.path).name
+    for lineno, line in enumerate(_raw_lines(unit.path), start=1):
+        if not line.strip():
+            continue  # blank lines are not records
+        where = f"{source}:{lineno}"
+        if _too_large(line, cfg.max_doc_bytes):
+            yield Record(where, None, source, {}, "too_large", len(line))
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            yield Record(where, None, source, {}, "bad_json", len(line))
+            continue
+        yield _record_from_obj(obj, where, cfg, len(line), source)
+
+
+def _read_text_file(unit: InputUnit, cfg) -> Iterator[Record]:
+    source = Path(unit.path).name
+    if unit.path.endswith(COMPRESSIONS):
+        text = "\n".join(_raw_lines(unit.path))
+    else:
+        ds = _hf().load_dataset("text", data_files=[unit.path], split="train", streaming=True,
+                                encoding="latin-1", sample_by="document", keep_linebreaks=True)
+        text = "".join(row["text"] for row in ds).encode("latin-1").decode("utf-8", "surrogateescape")
+    if _too_large(text, cfg.max_doc_bytes):
+        yield Record(source, None, source, {}, "too_large", len(text))
+    else:
+        yield Record(source, text, source, {"path": unit.path}, None, len(text))
+
+
+def _read_rows(unit: InputUnit, cfg) -> Iterator[Record]:
+    hf = _hf()
+    if unit.kind == "parquet":
+        ds = hf.load_dataset("parquet", data_files=[unit.path], split="train", streaming=True)
+        source = Path(unit.path).name
+    else:
+        try:
+            ds = hf.load_dataset(unit.path, unit.config, split=cfg.hf_split, streaming=True)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"scrub.inputs: cannot open hf:{unit.path}: {e}") from None
+        source = unit.path
+    for i, row in enumerate(ds):
+        text = row.get(cfg.text_field)
+        size = len(text) if isinstance(text, str) else 0
+        if isinstance(text, str) and _too_large(text, cfg.max_doc_bytes):
+            yield Record(str(row.get(cfg.id_field, f"{source}:{i}")), None, source, {}, "too_large", size)
+            continue
+        yield _record_from_obj(row, f"{source}:{i}", cfg, size, source)
+
+
+# ---------------------------------------------------------------------------------------------
+# builtin:enwiki-sample
+
+
+def enwiki_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or spec.origin is None:
+        raise UserError(f"{ENWIKI} needs the gensim package (pip install -e '.[scrub]')")
+    return Path(spec.origin).parent / ENWIKI_FILE
+
+
+_BOLD_ITALIC = re.compile(r"'{2,}")
+_HEADING = re.compile(r"^(={2,})\s*(.*?)\s*\1\s*$", re.MULTILINE)
+_EMPTY_PARENS = re.compile(r"\(\s*[,;:]?\s*\)")
+_MULTI_BLANK = re.compile(r"\n{3,}")
+_TRAILING_WS = re.compile(r"[ \t]+$", re.MULTILINE)
+
+
+def wiki_to_text(markup: str) -> str:
+    """MediaWiki markup -> plain text: gensim's filter_wiki plus the leftovers it keeps (bold and
+    italic quotes, heading equals signs, parentheses emptied by removed templates)."""
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    text = filter_wiki(markup)
+    text = _BOLD_ITALIC.sub("", text)
+    text = _HEADING.sub(r"\2", text)
+    text = _EMPTY_PARENS.sub("", text)
+    text = _TRAILING_WS.sub("", text)
+    return _MULTI_BLANK.sub("\n\n", text).strip()
+
+
+def read_enwiki() -> Iterator[Record]:
+    """The articles of gensim's Wikipedia sample: namespace-0 pages that are not redirects."""
+    from gensim.corpora.wikicorpus import extract_pages
+
+    with bz2.open(enwiki_path(), "rb") as f:
+        for title, markup, pageid in extract_pages(f, filter_namespaces=("0",)):
+            if ":" in title.split(" ")[0] or markup.lstrip()[:9].upper() == "#REDIRECT":
+                continue  # project pages (Wikipedia:...) and redirects are not articles
+            meta = {"title": title, "license": ENWIKI_LICENSE, "pageid": pageid,
+                    "url": "https://en.wikipedia.org/wiki/" + title.replace(" ", "_")}
+            yield Record(f"enwiki:{pageid}", wiki_to_text(markup), "enwiki-sample", meta, None, len(markup))

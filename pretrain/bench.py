@@ -1,0 +1,107 @@
+"""`python -m pretrain bench CONFIG`: time the real training step; last stdout line is one JSON object.
+
+The same :func:`pretrain.trainer.setup` and :func:`pretrain.trainer.train_step` as training
+(engine, loader with its prefetch thread, model), ``bench.warmup_steps`` untimed steps, then
+``bench.steps`` timed ones. Nothing is written to the run directory except, with
+``bench.profile=true``, a torch.profiler operator table (``bench_profile.txt``).
+
+Output keys: ``tokens_per_s`` (global), ``tokens_per_s_per_device``, ``mfu`` (per device, against
+``peak_flops`` = the device's peak in the run dtype: datasheet on GPUs, a matmul probe on CPU),
+``step_time_s`` (mean; ``step_time_s_min`` the best), ``loader_wait_frac`` (time blocked on the
+loader / step time) and ``phase_frac`` (forward / backward / optimizer step shares of step time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from pretrain.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def bench(cfg: Config) -> int:
+    from pretrain.monitor import flops_and_peak, memory_bytes
+    from pretrain.trainer import Prefetcher, agree, setup, train_step
+
+    s = setup(cfg, write_run_files=False)
+    info, engine, t = s.info, s.engine, cfg.train
+    batches = Prefetcher(s.loader, depth=max(2, cfg.data.prefetch))
+    engine.train()
+    try:
+        for _ in range(cfg.bench.warmup_steps):
+            train_step(engine, batches, t.grad_accum_steps, info.device)
+        step_times, waits, losses = [], [], []
+        phases: dict[str, float] = {}
+        prof = _profiler() if cfg.bench.profile else None
+        if prof is not None:
+            prof.__enter__()
+        for _ in range(cfg.bench.steps):
+            t0 = time.perf_counter()
+            loss, wait = train_step(engine, batches, t.grad_accum_steps, info.device, phases=phases)
+            loss, _, _ = agree(loss, False, False, info.device, info.world_size)
+            step_times.append(time.perf_counter() - t0)
+            waits.append(wait)
+            losses.append(loss)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            _write_profile(prof, Path(cfg.run.dir) / "bench_profile.txt", info.rank)
+    finally:
+        batches.close()
+
+    flops_per_token, peak = flops_and_peak(cfg, info.device)
+    total = sum(step_times)
+    tps = s.tokens_per_step * len(step_times) / total
+    per_device = tps / info.world_size
+    result = {
+        "tokens_per_s": round(tps, 1),
+        "tokens_per_s_per_device": round(per_device, 1),
+        "mfu": None if not peak else round(per_device * flops_per_token / peak, 4),
+        "peak_flops": peak,
+        "flops_per_token": flops_per_token,
+        "step_time_s": round(total / len(step_times), 4),
+        "step_time_s_min": round(min(step_times), 4),
+        "step_time_s_stdev": round(statistics.pstdev(step_times), 4),
+        "loader_wait_frac": round(sum(waits) / total, 4),
+        "phase_frac": {k: round(v / total, 3) for k, v in phases.items()},
+        "tokens_per_step": s.tokens_per_step,
+        "steps": len(step_times),
+        "warmup_steps": cfg.bench.warmup_steps,
+        "world_size": info.world_size,
+        "device": info.device,
+        "precision": t.precision,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "micro_batch_size": t.micro_batch_size,
+        "grad_accum_steps": t.grad_accum_steps,
+        "seq_len": cfg.data.seq_len,
+        "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters()),
+        "memory_bytes": memory_bytes(info.device),
+        "final_loss": round(losses[-1], 4),
+    }
+    if info.rank == 0:
+        sys.stdout.flush()
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def _profiler():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    return profile(activities=acts, record_shapes=False)
+
+
+def _write_profile(prof, path: Path, rank: int) -> None:
+    """Top operators by self time: where the step's time goes."""
+    sort = "self_cuda_time_total" if any(e.device_type.name == "CUDA" for e in prof.key_averages()) else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(table + "\n")
+        log.info("profile (top operators by self time), also in %s:\n%s", path, table)

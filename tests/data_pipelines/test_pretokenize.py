@@ -1,0 +1,114 @@
+"""Pretokenized mode: memmap shards + index, seeded sampling, O(1) resume, elastic by global index."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipelines.pretokenize import pretokenize, token_dtype
+from data_pipelines.sources import is_heldout
+from data_pipelines.stream import build_train_loader, reshard_states
+from data_pipelines.tokenizer import load_tokenizer
+from pretrain.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _loader_fixtures import MB, SEQ, make_cfg, make_corpus, write_word_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def pretok(corpus):
+    out = corpus["root"] / "pretok"
+    cfg = make_cfg(corpus, f"data.pretokenized_dir={out}", "data.mode=pretokenized", mix=True, val_fraction=0.2)
+    assert pretokenize(cfg) == 0
+    return cfg
+
+
+def test_shards_hold_the_training_documents_joined_by_the_separator(corpus, pretok):
+    out = Path(pretok.data.pretokenized_dir)
+    index = json.loads((out / "index.json").read_text())
+    assert index["dtype"] == "uint16" and index["eos_id"] == 0
+    assert (out / "manifests" / "a.json").is_file() and index["sources"][0]["manifest_sha256"]
+    tok = load_tokenizer(corpus["tok"])
+    for src, name in ((0, "a"), (1, "b")):
+        tokens = np.concatenate([np.fromfile(out / sh["path"], dtype=np.uint16) for sh in index["sources"][src]["shards"]])
+        kept = [t for d, t in corpus[name].items() if not is_heldout(d, 0.2)]
+        want = np.concatenate([np.array(tok.encode(t).ids + [0]) for t in kept])
+        assert np.array_equal(tokens, want)  # file order, held-out documents left out
+    mtime = (out / "index.json").stat().st_mtime_ns
+    assert pretokenize(pretok) == 0 and (out / "index.json").stat().st_mtime_ns == mtime  # up to date: no work
+
+
+def test_token_dtype():
+    assert token_dtype(65_535) == np.uint16 and token_dtype(65_536) == np.uint32
+
+
+def test_batches_resume_and_mix(pretok):
+    lo = build_train_loader(pretok, 0, 1, trace=True)
+    batches = [next(lo) for _ in range(400)]
+    b = batches[0]
+    assert b["input_ids"].shape == (MB, SEQ) and torch.equal(b["labels"][:, :-1], b["input_ids"][:, 1:])
+    eos_rows = (b["input_ids"] == 0).nonzero()
+    for r, t in eos_rows.tolist():  # positions restart after each separator
+        if t + 1 < SEQ:
+            assert b["position_ids"][r, t + 1] == 0 and b["doc_ids"][r, t + 1] == b["doc_ids"][r, t] + 1
+    srcs = Counter(s for x in batches for s, _, _ in x["trace"])
+    assert 0.68 < srcs[0] / sum(srcs.values()) < 0.82  # weights 3:1
+    # every epoch is a permutation of the source's samples: no sample twice before all were seen
+    per_epoch = Counter((s, e, i) for x in batches for s, e, i in x["trace"])
+    assert max(per_epoch.values()) == 1
+    n_a = lo.n_samples[0]
+    assert {i for (s, e, i) in per_epoch if s == 0 and e == 0} == set(range(n_a))
+
+    fresh = build_train_loader(pretok, 0, 1)
+    head = [next(fresh) for _ in range(5)]
+    state = json.loads(json.dumps(fresh.state_dict()))
+    again = build_train_loader(pretok, 0, 1)
+    again.load_state_dict(state)
+    tail = [next(again) for _ in range(5)]
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(head + tail, batches[:10], strict=True))
+
+
+@pytest.mark.slow
+def test_workers_and_elastic_continue_the_global_sample_sequence(pretok):
+    # reference: 1 rank; global batch g = samples [g*mb, (g+1)*mb)
+    one = build_train_loader(pretok, 0, 1, trace=True)
+    ref = [s for _ in range(24) for s in next(one)["trace"]]
+    pretok.data.num_workers = 2
+    try:
+        two = [build_train_loader(pretok, r, 2, trace=True) for r in range(2)]
+        got = []
+        for _ in range(6):  # 6 global batches of 2 ranks = 12 local batches of 1 rank
+            for lo in two:
+                got += next(lo)["trace"]
+        states = [json.loads(json.dumps(lo.state_dict())) for lo in two]
+        for lo in two:
+            lo.close()
+    finally:
+        pretok.data.num_workers = 0
+    new = reshard_states(states, 1)
+    back = build_train_loader(pretok, 0, 1, trace=True)
+    back.load_state_dict(new[0])
+    got += [s for _ in range(12) for s in next(back)["trace"]]
+    assert got == ref
+
+
+def test_wrong_tokenizer_or_missing_index_is_a_user_error(corpus, pretok, tmp_path):
+    other = write_word_tokenizer(tmp_path / "other.json", [corpus["b"]])
+    cfg = make_cfg(corpus, f"data.pretokenized_dir={pretok.data.pretokenized_dir}", "data.mode=pretokenized",
+                   f"data.tokenizer={other}", mix=True)
+    with pytest.raises(UserError, match="another tokenizer"):
+        build_train_loader(cfg, 0, 1)
+    cfg = make_cfg(corpus, f"data.pretokenized_dir={tmp_path / 'none'}", "data.mode=pretokenized")
+    with pytest.raises(UserError, match="pretokenize` first"):
+        build_train_loader(cfg, 0, 1)

@@ -1,0 +1,122 @@
+import dataclasses
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from data_pipelines.readers import read_unit, resolve_inputs, wiki_to_text
+from pretrain.config import ScrubConfig
+from pretrain.errors import UserError
+
+GOOD = [{"id": f"d{i}", "text": f"document number {i}", "lang": "en"} for i in range(3)]
+
+
+def cfg(inputs, **kw) -> ScrubConfig:
+    return dataclasses.replace(ScrubConfig(), inputs=[str(i) for i in inputs], **kw)
+
+
+def records(c: ScrubConfig) -> list:
+    return [r for u in resolve_inputs(c) for r in read_unit(u, c)]
+
+
+def malformed_jsonl_bytes() -> bytes:
+    lines = [json.dumps(d).encode() for d in GOOD]
+    lines += [
+        b'{"id": "bad", "text": ',  # truncated JSON
+        b'{"id": "nt"}',  # missing text
+        b'{"id": "num", "text": 42}',  # non-string text
+        b'{"id": "null", "text": null}',  # null text counts as missing
+        b'[1, 2, 3]',  # JSON but not an object
+        b'',  # blank line: not a record
+        b'{"id": "big", "text": "' + b"x" * 300 + b'"}',  # over max_doc_bytes=200
+        b'{"id": "bytes", "text": "caf\xe9 \xff ok"}',  # invalid UTF-8 inside
+    ]
+    return b"\n".join(lines) + b"\n"
+
+
+def test_jsonl_malformed_records_are_reported_not_raised(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(malformed_jsonl_bytes())
+    recs = records(cfg([p], max_doc_bytes=200))
+    errors = [(r.id, r.error) for r in recs if r.error]
+    assert errors == [("a.jsonl:4", "bad_json"), ("nt", "missing_text"), ("num", "non_string_text"),
+                      ("null", "missing_text"), ("a.jsonl:8", "bad_json"), ("a.jsonl:10", "too_large")]
+    good = [r for r in recs if not r.error]
+    assert [r.id for r in good] == ["d0", "d1", "d2", "bytes"]
+    assert good[0].text == "document number 0" and good[0].meta == {"lang": "en"}
+    # undecodable bytes survive as lone surrogates for normalize to count and repair
+    assert "\udce9" in good[3].text and "\udcff" in good[3].text
+
+
+def test_compressed_jsonl_read_identically(tmp_path):
+    raw = malformed_jsonl_bytes()
+    (tmp_path / "a.jsonl").write_bytes(raw)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    per_file = {}
+    for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zst"):
+        per_file[name] = [(r.id.split(":")[-1], r.text, r.error) for r in records(cfg([tmp_path / name], max_doc_bytes=200))]
+    assert per_file["a.jsonl"] == per_file["b.jsonl.gz"] == per_file["c.jsonl.zst"]
+
+
+def test_text_field_and_id_field(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text(json.dumps({"key": "k1", "content": "hello"}) + "\n" + json.dumps({"content": "bye"}) + "\n")
+    recs = records(cfg([p], text_field="content", id_field="key"))
+    assert [(r.id, r.text) for r in recs] == [("k1", "hello"), ("x.jsonl:2", "bye")]
+
+
+def test_parquet_and_text_files(tmp_path):
+    pq.write_table(pa.table({"id": ["p0", "p1", "p2"], "text": ["alpha", None, "gamma"], "n": [1, 2, 3]}),
+                   tmp_path / "t.parquet")
+    pq.write_table(pa.table({"id": ["q0"], "text": [7]}), tmp_path / "u.parquet")
+    (tmp_path / "doc.txt").write_bytes(b"line one\nline two\n\xff end\n")
+    recs = records(cfg([tmp_path / "t.parquet", tmp_path / "u.parquet", tmp_path / "doc.txt"]))
+    assert [(r.id, r.error) for r in recs] == [("p0", None), ("p1", "missing_text"), ("p2", None),
+                                               ("q0", "non_string_text"), ("doc.txt", None)]
+    assert recs[0].meta == {"n": 1}
+    assert recs[-1].text == "line one\nline two\n\udcff end\n"
+
+
+def test_directories_globs_order_and_errors(tmp_path):
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    for name in ("b.jsonl", "a.jsonl", "sub/c.jsonl"):
+        (d / name).write_text(json.dumps({"text": name}) + "\n")
+    units = resolve_inputs(cfg([d]))
+    assert [u.path.split("corpus/")[1] for u in units] == ["a.jsonl", "b.jsonl", "sub/c.jsonl"]
+    assert [u.index for u in units] == [0, 1, 2] and len({u.key for u in units}) == 3
+    assert len(resolve_inputs(cfg([f"{d}/*.jsonl"]))) == 2
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_inputs(cfg([tmp_path / "missing.jsonl"]))
+    with pytest.raises(UserError, match="matches no files"):
+        resolve_inputs(cfg([f"{d}/*.parquet"]))
+    (d / "weird.bin").write_text("x")
+    with pytest.raises(UserError, match="weird.bin"):
+        resolve_inputs(cfg([d]))
+    with pytest.raises(UserError, match="unknown builtin"):
+        resolve_inputs(cfg(["builtin:nope"]))
+
+
+def test_hf_dataset_name_path_offline(tmp_path):
+    """The hf: code path (load_dataset(NAME, streaming=True)) on a local dataset directory."""
+    d = tmp_path / "my_dataset"
+    d.mkdir()
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    c = cfg([f"hf:{d}"], hf_split="train")
+    (unit,) = resolve_inputs(c)
+    assert unit.kind == "hf"
+    assert [(r.id, r.text) for r in read_unit(unit, c)] == [(g["id"], g["text"]) for g in GOOD]
+    with pytest.raises(UserError, match="hf:"):
+        list(read_unit(resolve_inputs(cfg([f"hf:{tmp_path / 'nothing_here'}"]))[0], c))
+
+
+def test_wiki_markup_stripped():
+    markup = "'''Bold''' and ''italic'' text ( ) here.\n\n==History==\nSome [[link|words]] {{cite}} remain.\n\n\n\nEnd."
+    text = wiki_to_text(markup)
+    assert "'''" not in text and "''" not in text and "==" not in text and "( )" not in text
+    assert "Bold and italic text" in text and "\nHistory\n" in text and "words" in text
+    assert "\n\n\n" not in text

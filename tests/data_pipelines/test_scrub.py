@@ -1,0 +1,203 @@
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+import data_pipelines.scrub as scrub_mod
+from data_pipelines.manifest import read_manifest, shard_files
+from data_pipelines.scrub import run_scrub
+from pretrain.config import load_config
+from pretrain.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+NOUNS = ("river valley farmer village town coast trade idea tool crop scholar record harbour bridge market "
+         "church castle forest mountain road railway school library museum garden island lake mill").split()
+ADJS = "old new small large busy quiet northern southern famous local ancient modern wooden stone".split()
+VERBS = "grew changed supported connected replaced served attracted protected linked described".split()
+
+
+def prose(seed: int, sentences: int = 12) -> str:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(sentences):
+        out.append(f"The {rng.choice(ADJS)} {rng.choice(NOUNS)} of the {rng.choice(NOUNS)} {rng.choice(VERBS)} "
+                   f"the {rng.choice(ADJS)} {rng.choice(NOUNS)} and the {rng.choice(NOUNS)} in {1700 + rng.randint(0, 300)}.")
+    return "\n".join(" ".join(out[i : i + 3]) for i in range(0, len(out), 3))
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "wb") as f:
+        for r in rows:
+            f.write(r if isinstance(r, bytes) else json.dumps(r).encode())
+            f.write(b"\n")
+    return path
+
+
+def make_corpus(tmp_path: Path) -> tuple[Path, Path]:
+    a = [{"id": f"a{i}", "text": prose(i)} for i in range(6)]
+    a[1]["text"] += "\nWrite to jane.doe@example.org for the archive of the old mill."
+    a.append({"id": "de", "text": "Das ist ein deutscher Text über das Wetter und die Berge. " * 10})
+    a.append({"id": "short", "text": "This is one long sentence about the history of the river valley and its farmers. "
+              "This is a second long sentence about the old mill and the market town nearby."})
+    a.append(b'{"id": "broken", "text": "no end')
+    a.append({"id": "notext", "body": "x"})
+    near = prose(3).replace("in 17", "in 18", 1)  # one token differs
+    b = [
+        {"id": "b0", "text": prose(100)},
+        {"id": "b_exact", "text": " ".join(prose(2).split())},  # a2 reflowed: same normalized text
+        {"id": "b_near", "text": near},  # near copy of a3
+        {"id": "b_toxic", "text": TOXIC},
+        {"id": "b_empty", "text": "   \n  "},
+        {"id": "b_lang", "text": "Le renard brun rapide saute par-dessus le chien paresseux. " * 10
+         + "Contact: jean@example.fr"},
+    ]
+    d = tmp_path / "in"
+    d.mkdir()
+    return write_jsonl(d / "a.jsonl", a), write_jsonl(d / "b.jsonl", b)
+
+
+TOXIC = ("You are a fucking idiot. Shut the fuck up, you worthless piece of shit. Nobody cares about your "
+         "stupid damn opinion, asshole. Go to hell and take your crap with you. What a pathetic loser you are, "
+         "bitch. This shit is the dumbest thing I have ever read. Fuck off with your bullshit lies, moron, and "
+         "never come back to this forum again with that garbage.")
+
+EXPECTED_DROPS = {
+    "malformed.bad_json": 1, "malformed.missing_text": 1, "malformed.empty_text": 1,
+    "language": 2, "quality.c4_too_few_sentences": 1, "dedup.exact": 1, "dedup.near": 1,
+    "toxicity.classifier": 1,
+}
+
+
+def config(tmp_path: Path, out: str = "out", *extra: str):
+    return load_config(None, [f"scrub.inputs=[{tmp_path}/in]", f"scrub.output={tmp_path / out}", *extra])
+
+
+def kept_docs(out: Path) -> dict[str, str]:
+    docs = {}
+    for f in shard_files(out):
+        for r in pq.read_table(f).to_pylist():
+            docs[r["id"]] = r["text"]
+    return docs
+
+
+def test_filters_accounting_and_outputs(tmp_path):
+    make_corpus(tmp_path)
+    assert run_scrub(config(tmp_path)) == 0
+    out = tmp_path / "out"
+    m = read_manifest(out, verify="sha256")
+    assert m["documents"] == {"read": 16, "kept": 7, "dropped": 9}
+    assert m["dropped_by_reason"] == EXPECTED_DROPS
+    docs = kept_docs(out)
+    assert sorted(docs) == ["a0", "a1", "a2", "a3", "a4", "a5", "b0"]  # first copies kept, later dropped
+    assert "<|email|>" in docs["a1"] and "jane.doe" not in docs["a1"]
+    assert m["pii"]["counts"] == {"email": 1} and m["pii"]["placeholders"]["email"] == "<|email|>"
+    assert [s["docs"] for s in m["shards"]] == [6, 1]
+    assert [s["path"] for s in m["shards"]] == ["shards/part-00000-00000.parquet", "shards/part-00000-00001.parquet"]
+    meta = json.loads(pq.read_table(shard_files(out)[0]).to_pylist()[0]["meta"])
+    assert meta["scrub"]["lang"] == "en" and "toxicity" in meta["scrub"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["accounting"]["holds"] and report["dropped_by_filter"]["dedup"] == 2
+    assert "kept (7) + dropped (9) = read (16): **holds**" in (out / "report.md").read_text()
+    audit = [json.loads(x) for x in (out / "audit" / "dropped.jsonl").read_text().splitlines()]
+    assert {a["reason"] for a in audit} == set(EXPECTED_DROPS)
+    fr = next(a for a in audit if a["id"] == "b_lang")
+    assert "<|email|>" in fr["text"] and "jean@" not in fr["text"]  # audit samples are redacted too
+    assert {i["input"].rsplit("/", 1)[1] for i in m["inputs"]} == {"a.jsonl", "b.jsonl"}
+    assert all(len(i["sha256"]) == 64 for i in m["inputs"])
+    # a rerun of a finished scrub only re-merges, and gives the same shards
+    assert run_scrub(config(tmp_path)) == 0
+    assert [s["sha256"] for s in read_manifest(out)["shards"]] == [s["sha256"] for s in m["shards"]]
+
+
+def test_resume_after_crash_redoes_only_unfinished_units(tmp_path, monkeypatch):
+    make_corpus(tmp_path)
+    assert run_scrub(config(tmp_path, "clean")) == 0
+    calls = []
+    real_p1 = scrub_mod.phase1_unit
+
+    def crashing(unit, cfg, out_dir):
+        calls.append(unit.index)
+        if unit.index == 1:
+            # a killed worker leaves a half-written temp file and no marker
+            Path(out_dir, "_work", "p1", unit.key + ".arrow.tmp").write_bytes(b"\x00garbage")
+            raise KeyboardInterrupt
+        return real_p1(unit, cfg, out_dir)
+
+    monkeypatch.setattr(scrub_mod, "phase1_unit", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_scrub(config(tmp_path, "out"))
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    calls.clear()
+    monkeypatch.setattr(scrub_mod, "phase1_unit", lambda u, c, o: (calls.append(u.index), real_p1(u, c, o))[1])
+    assert run_scrub(config(tmp_path, "out")) == 0
+    assert calls == [1]  # unit 0 finished before the crash and was skipped
+    assert kept_docs(tmp_path / "out") == kept_docs(tmp_path / "clean")
+    a, b = read_manifest(tmp_path / "out"), read_manifest(tmp_path / "clean")
+    assert a["documents"] == b["documents"] and a["dropped_by_reason"] == b["dropped_by_reason"]
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_two_machines_staged_equals_one_machine(tmp_path):
+    make_corpus(tmp_path)
+    assert run_scrub(config(tmp_path, "single")) == 0
+    ranks = [("scrub.world_size=2", f"scrub.rank={r}") for r in (0, 1)]
+    assert run_scrub(config(tmp_path, "multi", *ranks[1], "scrub.stage=signatures")) == 0
+    with pytest.raises(UserError, match=r"phase 1 .* not finished for 1 unit\(s\) \(00000-a.jsonl\)"):
+        run_scrub(config(tmp_path, "multi", *ranks[1], "scrub.stage=write"))  # rank 0 has not run yet
+    for stage in ("signatures", "write"):
+        for r in ranks:
+            assert run_scrub(config(tmp_path, "multi", *r, f"scrub.stage={stage}")) == 0
+    assert not (tmp_path / "multi" / "manifest.json").exists()
+    assert run_scrub(config(tmp_path, "multi", *ranks[0], "scrub.stage=merge")) == 0
+    m = read_manifest(tmp_path / "multi")
+    assert [s["path"] for s in m["shards"]] == ["shards/part-00000-00000.parquet", "shards/part-00001-00001.parquet"]
+    assert kept_docs(tmp_path / "multi") == kept_docs(tmp_path / "single")  # dedup saw both machines' shards
+    assert m["dropped_by_reason"] == EXPECTED_DROPS
+
+
+def test_changed_settings_refused_and_jsonl_zst_output(tmp_path):
+    make_corpus(tmp_path)
+    assert run_scrub(config(tmp_path, "out", "scrub.output_format=jsonl.zst")) == 0
+    with pytest.raises(UserError, match="different settings"):
+        run_scrub(config(tmp_path, "out", "scrub.output_format=jsonl.zst", "scrub.dedup.threshold=0.5"))
+    files = shard_files(tmp_path / "out")
+    assert files[0].name == "part-00000-00000.jsonl.zst"
+    with open(files[0], "rb") as f:
+        rows = [json.loads(x) for x in zstandard.ZstdDecompressor().stream_reader(f).read().decode().splitlines()]
+    assert [r["id"] for r in rows] == ["a0", "a1", "a2", "a3", "a4", "a5"]
+    assert set(rows[0]) == {"id", "text", "source", "meta"}
+
+
+def test_builtin_corpus(scrubbed_corpus):
+    """The session fixture ran the real scrub on the 106 embedded Wikipedia articles."""
+    m = read_manifest(scrubbed_corpus, verify="sha256")
+    d = m["documents"]
+    assert d["read"] == 106 and d["kept"] + d["dropped"] == 106 and d["kept"] >= 90
+    rows = [r for f in shard_files(scrubbed_corpus) for r in pq.read_table(f).to_pylist()]
+    assert len(rows) == d["kept"] == sum(s["docs"] for s in m["shards"])
+    meta = json.loads(rows[0]["meta"])
+    assert meta["title"] == "Anarchism" and meta["license"].startswith("CC BY-SA")
+    assert all("'''" not in r["text"] and "[[" not in r["text"] for r in rows)
+    assert (scrubbed_corpus / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_worker_pool_matches_in_process(tmp_path):
+    make_corpus(tmp_path)
+    assert run_scrub(config(tmp_path, "one")) == 0
+    assert run_scrub(config(tmp_path, "two", "scrub.workers=2")) == 0
+    assert kept_docs(tmp_path / "two") == kept_docs(tmp_path / "one")
+    assert read_manifest(tmp_path / "two")["dropped_by_reason"] == EXPECTED_DROPS
+
+
+def test_cli_bad_input_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "data_pipelines", "scrub", str(REPO / "configs/scrub/enwiki.yaml"),
+                        f"scrub.inputs=[{tmp_path}/nope.jsonl]", f"scrub.output={tmp_path}/o"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2
+    assert "nope.jsonl does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,40 @@
+"""`python -m pretrain bench`: the real step, timed; last stdout line is one JSON object."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from _trainer_helpers import REPO, make_tiny_data, write_config
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> dict:
+    return make_tiny_data(tmp_path_factory.mktemp("trainer_data"))
+
+
+
+@pytest.mark.slow
+def test_bench_prints_json_last_line_and_profile(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, run)
+    p = subprocess.run(
+        [sys.executable, "-m", "pretrain", "bench", str(cfg), "bench.warmup_steps=1", "bench.steps=3",
+         "bench.profile=true", "train.precision=bf16", "deepspeed.zero_stage=1"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    for key in ("tokens_per_s", "mfu", "peak_flops", "step_time_s", "loader_wait_frac"):
+        assert key in result, key
+    assert result["steps"] == 3 and result["tokens_per_step"] == 4 * 64
+    assert result["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / result["step_time_s"], rel=1e-2)
+    assert result["peak_flops"] > 0
+    assert result["mfu"] == pytest.approx(
+        result["tokens_per_s"] * result["flops_per_token"] / result["peak_flops"], rel=1e-2)
+    assert 0 <= result["loader_wait_frac"] < 1
+    assert set(result["phase_frac"]) == {"forward", "backward", "optimizer_step"}
+    assert 0.5 < sum(result["phase_frac"].values()) <= 1.01
+    assert "aten::" in (run / "bench_profile.txt").read_text()
+    assert not (run / "metrics.jsonl").exists()  # bench does not pose as a training run

@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.engine import (
+    _make_guarded_adamw,
+    deepspeed_config,
+    param_groups,
+    schedule_horizon,
+    uses_guarded_optimizer,
+)
+from pretrain.errors import ConfigError
+
+
+def cfg_with(*overrides):
+    return load_config(None, list(overrides), world_size=1)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_ds_config_batch_identity_and_stage_keys(stage):
+    cfg = cfg_with(f"deepspeed.zero_stage={stage}", "train.micro_batch_size=4", "train.grad_accum_steps=3")
+    conf = deepspeed_config(cfg, dp_world=8)
+    assert conf["train_batch_size"] == 4 * 3 * 8
+    assert conf["train_micro_batch_size_per_gpu"] == 4
+    assert conf["gradient_accumulation_steps"] == 3
+    z = conf["zero_optimization"]
+    assert z["stage"] == stage
+    assert ("allgather_bucket_size" in z) == (stage in (1, 2))
+    assert ("stage3_param_persistence_threshold" in z) == (stage == 3)
+    assert "offload_optimizer" not in z and "offload_param" not in z
+
+
+def test_ds_config_precision_offload_and_clipping():
+    cfg = cfg_with("train.precision=fp16", "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+                   "deepspeed.offload_params=true", "deepspeed.fp16_initial_scale_power=12", "train.grad_clip=0.5")
+    conf = deepspeed_config(cfg, dp_world=2, on_cuda=True)
+    assert conf["fp16"]["enabled"] and not conf["bf16"]["enabled"]
+    assert conf["fp16"]["loss_scale"] == 0 and conf["fp16"]["initial_scale_power"] == 12
+    assert conf["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert conf["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert conf["gradient_clipping"] == 0.5
+    bf = deepspeed_config(cfg_with("train.precision=bf16"), 1)
+    assert bf["bf16"] == {"enabled": True, "check_grad_overflow": True} and not bf["fp16"]["enabled"]
+
+
+def test_zero0_fp32_clips_in_the_guarded_optimizer_not_in_deepspeed():
+    cfg = cfg_with("deepspeed.zero_stage=0", "train.precision=fp32", "train.grad_clip=1.0")
+    assert uses_guarded_optimizer(cfg)
+    assert deepspeed_config(cfg, 1)["gradient_clipping"] == 0.0
+    assert not uses_guarded_optimizer(cfg_with("deepspeed.zero_stage=0", "train.precision=bf16"))
+
+
+def test_extra_is_merged_last_and_nested():
+    cfg = cfg_with("deepspeed.zero_stage=2", "deepspeed.extra.zero_optimization.round_robin_gradients=true",
+                   "deepspeed.extra.wall_clock_breakdown=true")
+    conf = deepspeed_config(cfg, 1)
+    assert conf["zero_optimization"]["round_robin_gradients"] is True
+    assert conf["zero_optimization"]["stage"] == 2  # siblings kept
+    assert conf["wall_clock_breakdown"] is True
+
+
+def test_extra_may_not_fork_the_batch_shape():
+    with pytest.raises(ConfigError, match=r"deepspeed.extra must not set train_batch_size"):
+        cfg_with("deepspeed.extra.train_batch_size=64")
+
+
+def test_eval_needs_validation_data():
+    with pytest.raises(ConfigError, match=r"train.eval_every > 0 needs validation data"):
+        cfg_with("train.eval_every=10", "data.val_fraction=0")
+    cfg_with("train.eval_every=0", "data.val_fraction=0")  # fine without evaluation
+
+
+def test_offload_rules():
+    with pytest.raises(ConfigError, match="offload_params=true requires deepspeed.zero_stage=3"):
+        cfg_with("deepspeed.offload_params=true", "deepspeed.zero_stage=2")
+    with pytest.raises(ConfigError, match="offload_optimizer=true requires deepspeed.zero_stage >= 1"):
+        cfg_with("deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0")
+
+
+def test_schedule_horizon_follows_max_tokens():
+    cfg = cfg_with("train.max_steps=1000", "train.micro_batch_size=2", "data.seq_len=100", "train.max_tokens=10000")
+    assert schedule_horizon(cfg, dp_world=2) == 25  # 10000 tokens / (2 x 2 x 100) per step
+    assert schedule_horizon(cfg_with("train.max_steps=1000"), 2) == 1000
+
+
+def _tiny_model(*overrides):
+    from pretrain.model import Transformer
+
+    cfg = cfg_with("model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.vocab_size=256",
+                   "model.max_seq_len=32", "data.seq_len=32", *overrides)
+    return Transformer(cfg.model), cfg
+
+
+def test_param_groups_default_no_decay_on_norms_and_embeddings():
+    model, cfg = _tiny_model()
+    groups, summary = param_groups(model, cfg.optim)
+    decay, no_decay = ({id(p) for p in g["params"]} for g in groups)
+    assert groups[0]["weight_decay"] == cfg.optim.weight_decay and groups[1]["weight_decay"] == 0.0
+    assert id(model.embed.weight) in no_decay
+    assert id(model.norm.weight) in no_decay and id(model.blocks[0].attn_norm.weight) in no_decay
+    assert id(model.blocks[0].attn.wq.weight) in decay and id(model.lm_head.weight) in decay
+    assert summary.decay + summary.no_decay == sum(p.numel() for p in model.parameters())
+    assert len(decay | no_decay) == len(list(model.parameters()))
+
+
+def test_param_groups_configurable_and_tied():
+    model, cfg = _tiny_model("optim.decay_embeddings=true", "optim.decay_norms=true", "model.tie_embeddings=true")
+    groups, summary = param_groups(model, cfg.optim)
+    assert len(groups) == 1 and summary.no_decay == 0  # everything decays; empty group dropped
+    assert sum(p.numel() for p in groups[0]["params"]) == sum(p.numel() for p in model.parameters())
+
+
+def test_guarded_adamw_skips_nonfinite_and_clips_finite():
+    GuardedAdamW = _make_guarded_adamw()
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = GuardedAdamW([p], max_norm=1.0, lr=0.1)
+    p.grad = torch.tensor([float("nan"), 1.0, 1.0, 1.0])
+    opt.step()
+    assert opt.overflow and math.isnan(opt._global_grad_norm)
+    assert torch.equal(p.detach(), torch.ones(4)) and not opt.state  # no update, no Adam state
+    p.grad = torch.full((4,), 3.0)  # norm 6 -> clipped to 1
+    opt.step()
+    assert not opt.overflow and opt._global_grad_norm == pytest.approx(6.0)
+    assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    assert (p.detach() < 1.0).all()

@@ -1,0 +1,130 @@
+"""Export a real ZeRO-3 checkpoint (2 CPU ranks, sharded parameters and optimizer) to Hugging Face
+Llama format and check transformers' logits against ours (fp32, max abs diff < 1e-4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def zero3_run(scrubbed_corpus, tokenizer_path, tmp_path_factory) -> Path:
+    """3 training steps, 2 ranks, ZeRO-3 fp32, through `python -m pretrain train`; the run dir."""
+    root = tmp_path_factory.mktemp("export_run")
+    cfg = root / "c.yaml"
+    cfg.write_text(f"""
+extends: {REPO}/configs/model/tiny.yaml
+run: {{name: e, dir: {root / 'run'}}}
+data:
+  sources: [{{name: wiki, path: {scrubbed_corpus}}}]
+  tokenizer: {tokenizer_path}
+  seq_len: 32
+model: {{vocab_size: 4096, vocab_multiple_of: 96, max_seq_len: 64}}
+train: {{micro_batch_size: 2, max_steps: 3, eval_every: 0, log_every: 1, progress_bar: false, precision: fp32}}
+optim: {{lr: 1.0e-2, warmup_steps: 1}}
+deepspeed: {{zero_stage: 3, stage3_param_persistence_threshold: 0}}
+checkpoint: {{every_steps: 0, save_on_exit: true}}
+wandb: {{mode: disabled}}
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_port()), "-m", "pretrain", "train", str(cfg)]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return root / "run"
+
+
+def _ours(step_dir: Path):
+    from pretrain.checkpoint import consolidated_state_dict, load_checkpoint_config
+    from pretrain.model import Transformer
+
+    cfg = load_checkpoint_config(step_dir)
+    model = Transformer(cfg.model)
+    model.load_state_dict(consolidated_state_dict(step_dir))
+    return model.eval(), cfg
+
+
+@pytest.mark.slow
+def test_export_fp32_matches_transformers_logits(zero3_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "hf"
+    # The CLI, given the run directory: picks the newest complete checkpoint.
+    p = subprocess.run([PY, "-m", "pretrain", "export", "--checkpoint", str(zero3_run), "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "generation_config.json"} <= {f.name for f in out.iterdir()}
+
+    step_dir = zero3_run / "checkpoints" / "step_00000003"
+    # Really sharded: one ZeRO-3 partition (parameters + optimizer) per rank was consolidated.
+    assert len(list((step_dir / "engine").glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))) == 2
+    ours, cfg = _ours(step_dir)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf.config.vocab_size == 4096 and hf.model.embed_tokens.weight.shape == (4096, 64)
+    assert ours.embed.weight.shape[0] == 4128  # padded to a multiple of 96
+
+    ids = torch.randint(0, 4096, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = ours(ids)
+        b = hf(ids).logits
+    assert a.shape == b.shape == (2, 48, 4096)
+    diff = (a - b).abs().max().item()
+    assert diff < 1e-4, diff
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == hf.config.eos_token_id
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(out / "tokenizer.json"))
+    text = "The history of the city began in 1820."
+    assert tok(text)["input_ids"] == raw.encode(text, add_special_tokens=False).ids
+
+
+@pytest.mark.slow
+def test_export_bf16_and_refusals(zero3_run, tmp_path):
+    from safetensors import safe_open
+
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.errors import UserError
+    from pretrain.export import export_checkpoint
+
+    out = export_checkpoint(zero3_run / "checkpoints", tmp_path / "bf16", dtype="bf16")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        assert "lm_head.weight" in f.keys()  # untied model
+
+    # A tampered copy is refused before anything is unpickled, naming the file; exit status 2.
+    bad = tmp_path / "bad"
+    shutil.copytree(zero3_run / "checkpoints" / "step_00000003", bad / "step_00000003")
+    shard = next((bad / "step_00000003" / "engine").glob("*optim_states.pt"))
+    with open(shard, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00" * 8)
+    with pytest.raises(CheckpointError, match=shard.name):
+        export_checkpoint(bad, tmp_path / "x")
+    p = subprocess.run([PY, "-m", "pretrain", "export", "--checkpoint", str(bad), "--out", str(tmp_path / "y")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and shard.name in p.stderr and "sha256" in p.stderr
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        export_checkpoint(zero3_run, tmp_path / "occupied")

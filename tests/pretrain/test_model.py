@@ -1,0 +1,204 @@
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import ModelConfig, load_config
+from pretrain.model import (
+    Transformer,
+    padded_vocab_size,
+    param_count_formula,
+    positions_from_doc_ids,
+)
+
+PRESETS = sorted((Path(__file__).resolve().parents[2] / "configs" / "model").glob("*.yaml"))
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, max_seq_len=64, loss_chunk_size=16)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _model(cfg: ModelConfig, seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(cfg).eval()
+
+
+def test_contract_module_names_and_padded_vocab():
+    m = _model(tiny())
+    names = dict(m.named_parameters())
+    assert m.embed.weight.shape == (128, 32)  # 97 padded up to a multiple of 64
+    for key in ("attn_norm", "attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp_norm", "mlp.w_gate", "mlp.w_up", "mlp.w_down"):
+        assert f"blocks.1.{key}.weight" in names
+    assert "norm.weight" in names and "lm_head.weight" in names
+    assert all(".bias" not in n for n in names)
+    logits = m(torch.randint(0, 97, (2, 9)))
+    assert logits.shape == (2, 9, 97)  # padding columns excluded
+    tied = _model(tiny(tie_embeddings=True))
+    assert tied.lm_head is None and "lm_head.weight" not in dict(tied.named_parameters())
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_param_count_matches_formula_for_every_preset(preset):
+    cfg = load_config(preset).model
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    assert sum(p.numel() for p in m.parameters()) == param_count_formula(cfg)
+
+
+def test_named_presets_have_their_advertised_size():
+    sizes = {p.stem: param_count_formula(load_config(p).model) for p in PRESETS}
+    assert 115e6 < sizes["125m"] < 135e6 and 330e6 < sizes["350m"] < 370e6
+    assert 1.0e9 < sizes["1b"] < 1.2e9 and sizes["7b"] == 6_738_415_616  # Llama-2-7B exactly
+
+
+def test_causality():
+    m = _model(tiny())
+    x = torch.randint(0, 97, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        a, b = m(x), m(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_doc_masking_second_document_equals_document_alone(backend):
+    cfg = tiny(doc_masking=True, reset_positions=True, attention=backend)
+    m = _model(cfg)
+    doc_a, doc_b = torch.randint(0, 97, (1, 11)), torch.randint(0, 97, (1, 13))
+    packed = torch.cat([doc_a, doc_b], dim=1)
+    doc_ids = torch.tensor([[0] * 11 + [1] * 13])
+    with torch.no_grad():
+        packed_logits = m(packed, doc_ids=doc_ids)
+        alone = m(doc_b)
+        first_alone = m(doc_a)
+    torch.testing.assert_close(packed_logits[:, 11:], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_logits[:, :11], first_alone, rtol=1e-5, atol=1e-5)
+    # Without document masking the second document does see the first.
+    m.cfg = dataclasses.replace(cfg, doc_masking=False, reset_positions=False)
+    with torch.no_grad():
+        assert not torch.allclose(m(packed)[:, 11:], alone, atol=1e-3)
+
+
+def test_positions_restart_at_documents():
+    d = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 1, 1, 1, 1, 1]])
+    assert positions_from_doc_ids(d).tolist() == [[0, 1, 2, 0, 1, 0], [0, 0, 1, 2, 3, 4]]
+
+
+def _reference_mha(m: Transformer, x: torch.Tensor) -> torch.Tensor:
+    """Plain multi-head attention block stack written out per head (the GQA reference)."""
+    from pretrain.ops import apply_rope
+
+    cfg = m.cfg
+    H, hd = cfg.n_heads, cfg.d_model // cfg.n_heads
+    T = x.shape[1]
+    cos, sin = m._rope_tables
+    cos, sin = cos[:T], sin[:T]
+    h = m.embed(x)
+    for blk in m.blocks:
+        a = blk.attn_norm(h)
+        q = a @ blk.attn.wq.weight.t()
+        k = a @ blk.attn.wk.weight.t()
+        v = a @ blk.attn.wv.weight.t()
+        heads = []
+        for i in range(H):
+            qi = apply_rope(q[..., i * hd : (i + 1) * hd], cos, sin)
+            ki = apply_rope(k[..., i * hd : (i + 1) * hd], cos, sin)
+            s = qi @ ki.transpose(-1, -2) / math.sqrt(hd)
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            heads.append(torch.softmax(s, -1) @ v[..., i * hd : (i + 1) * hd])
+        h = h + torch.cat(heads, -1) @ blk.attn.wo.weight.t()
+        h = h + blk.mlp(blk.mlp_norm(h))
+    return m.norm(h) @ m.lm_head.weight[: cfg.vocab_size].t()
+
+
+def test_gqa_with_all_kv_heads_equals_plain_multi_head():
+    m = _model(tiny(n_kv_heads=4))
+    x = torch.randint(0, 97, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), _reference_mha(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_equals_multi_head_with_shared_kv_weights():
+    """n_kv_heads=2 for 4 query heads == MHA whose k/v heads are copies for each group."""
+    gqa = _model(tiny(n_kv_heads=2))
+    mha = Transformer(tiny(n_kv_heads=4)).eval()
+    sd = gqa.state_dict()
+    hd = 8
+    for i in range(2):
+        for w in ("wk", "wv"):
+            key = f"blocks.{i}.attn.{w}.weight"
+            heads = sd[key].view(2, hd, 32)
+            sd[key] = heads.repeat_interleave(2, dim=0).reshape(4 * hd, 32)  # query heads 0,1 -> kv 0
+    mha.load_state_dict(sd)
+    x = torch.randint(0, 97, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(x), mha(x), rtol=1e-5, atol=1e-5)
+
+
+def test_loss_equals_cross_entropy_of_logits():
+    m = _model(tiny())
+    x = torch.randint(0, 97, (2, 20))
+    y = torch.randint(0, 97, (2, 20))
+    y[0, :5] = -100
+    with torch.no_grad():
+        loss = m(x, labels=y)
+        ref = F.cross_entropy(m(x).reshape(-1, 97), y.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    assert abs(loss.item() - math.log(97)) < 0.5  # near-uniform at init
+
+
+def _grads(cfg, x, y):
+    m = _model(cfg).train()
+    m(x, labels=y).backward()
+    return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["full", "every_n"])
+def test_activation_checkpointing_gives_identical_grads(mode):
+    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    ref = _grads(tiny(n_layers=3), x, y)
+    got = _grads(tiny(n_layers=3, activation_checkpointing=mode, checkpoint_every_n=2), x, y)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_init_scales_residual_projections():
+    cfg = tiny(n_layers=8, d_model=256, n_heads=4, n_kv_heads=4, init_std=0.02)
+    m = Transformer(cfg)
+    assert abs(m.blocks[0].attn.wq.weight.std().item() - 0.02) < 2e-3
+    assert abs(m.blocks[0].mlp.w_down.weight.std().item() - 0.02 / math.sqrt(16)) < 5e-4
+    assert torch.all(m.norm.weight == 1)
+
+
+def test_bf16_autocast_and_pure_bf16_close_to_fp32():
+    m = _model(tiny())
+    x, y = torch.randint(0, 97, (2, 20)), torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        ref = m(x, labels=y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = m(x, labels=y)
+        pure = m.to(torch.bfloat16)(x, labels=y)
+    torch.testing.assert_close(auto, ref, rtol=1e-2, atol=0)
+    torch.testing.assert_close(pure, ref, rtol=1e-2, atol=0)
+    assert m._rope_tables[0].dtype == torch.float32  # .to(bf16) must not degrade the RoPE table
+
+
+def test_padded_vocab_size():
+    assert padded_vocab_size(tiny(vocab_size=50257)) == 50304
+    assert padded_vocab_size(tiny(vocab_size=128)) == 128
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager_loss_and_grads():
+    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    ref = _grads(tiny(), x, y)
+    got = _grads(tiny(compile=True), x, y)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+
+from pretrain.config import load_config
+from pretrain.monitor import (
+    Monitor,
+    Throughput,
+    manifest_summaries,
+    plot_loss_curve,
+    read_metrics,
+    resolve_wandb_mode,
+)
+
+
+def test_throughput_window_mfu_and_wait():
+    t = Throughput(flops_per_token=1e6, peak_flops=1e10, world_size=2)
+    t.update(global_tokens=4000, step_time=1.0, wait_time=0.01)
+    t.update(global_tokens=4000, step_time=3.0, wait_time=0.03)
+    s = t.summary()
+    assert s["tokens_per_s"] == pytest.approx(2000)
+    assert s["tokens_per_s_per_device"] == pytest.approx(1000)
+    assert s["step_time_s"] == pytest.approx(2.0)
+    assert s["mfu"] == pytest.approx(1000 * 1e6 / 1e10)
+    assert s["loader_wait_frac"] == pytest.approx(0.01)
+    t.reset()
+    assert t.summary() == {}
+    assert Throughput(1e6, None, 1).summary() == {}  # nothing recorded
+    u = Throughput(1e6, None, 1)
+    u.update(10, 1.0, 0.0)
+    assert u.summary()["mfu"] is None  # unknown peak: no made-up MFU
+
+
+def test_wandb_mode_auto(monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert resolve_wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode("auto") == "online"
+    assert resolve_wandb_mode("disabled") == "disabled"
+
+
+def test_read_metrics_last_line_per_step_wins_and_survives_a_cut_line(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    rows = [
+        {"kind": "train", "step": 1, "train/loss": 5.0},
+        {"kind": "train", "step": 2, "train/loss": 4.0},
+        {"kind": "eval", "step": 2, "val/loss": 4.5},
+        {"kind": "train", "step": 2, "train/loss": 3.9},  # re-logged after a resume
+    ]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"kind": "tra')
+    train = read_metrics(p, "train")
+    assert [(r["step"], r["train/loss"]) for r in train] == [(1, 5.0), (2, 3.9)]
+    assert [r["step"] for r in read_metrics(p, "eval")] == [2]
+
+
+def test_plot_loss_curve(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    assert plot_loss_curve(p, tmp_path / "x.png") is None
+    p.write_text("\n".join(json.dumps({"kind": "train", "step": s, "train/loss": 8 - s / 10}) for s in range(1, 30))
+                 + "\n" + json.dumps({"kind": "eval", "step": 20, "val/loss": 6.5}) + "\n")
+    out = plot_loss_curve(p, tmp_path / "loss.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_manifest_summaries(tmp_path):
+    scrubbed = tmp_path / "scrubbed"
+    scrubbed.mkdir()
+    (scrubbed / "manifest.json").write_text(json.dumps({
+        "documents": {"read": 10, "kept": 7, "dropped": 3},
+        "pii": {"placeholders": {"email": "<|email|>"}, "counts": {"email": 4}},
+        "filters": {"pii": "1"}, "config_hash": "abc",
+    }))
+    cfg = load_config(None, [f"data.sources=[{{name: a, path: {scrubbed}}}, {{name: b, path: {tmp_path / 'raw.jsonl'}}}]"])
+    a, b = manifest_summaries(cfg)
+    assert a["documents"]["dropped"] == 3 and a["pii_counts"] == {"email": 4}
+    assert "none" in b["manifest"]
+
+
+def test_monitor_rank0_writes_jsonl_other_ranks_nothing(tmp_path):
+    cfg = load_config(None, ["wandb.mode=disabled", "train.progress_bar=false"])
+    m1 = Monitor(cfg, rank=1, run_dir=tmp_path / "r1", start_step=0, wandb_run_id=None, total_steps=10)
+    m1.log_train(1, {"train/loss": 1.0, "train/lr": 1e-3})
+    m1.close()
+    assert not (tmp_path / "r1").exists()
+    m0 = Monitor(cfg, rank=0, run_dir=tmp_path / "r0", start_step=0, wandb_run_id=None, total_steps=10)
+    m0.log_setup({"setup/params": 5})
+    m0.log_train(1, {"train/loss": 2.0, "train/lr": 1e-3, "train/grad_norm": None})
+    m0.log_eval(1, {"val/loss": 2.5, "val/ppl": 12.18})
+    m0.close()
+    lines = [json.loads(x) for x in (tmp_path / "r0" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["kind"] for x in lines] == ["setup", "train", "eval"]
+    assert "train/grad_norm" not in lines[1]  # None values are left out, not written as null
+    assert (tmp_path / "r0" / "loss_curve.png").is_file()

@@ -1,0 +1,172 @@
+"""The training loop end to end, through the real CLI, on CPU with gloo.
+
+Each multi-process run costs ~10 s of torch + deepspeed start-up per rank, so one run checks
+several things: ZeRO-0 also checks wandb offline, evaluation and a skipped NaN step; ZeRO-1 and
+ZeRO-2 (fp32, micro 8 x accumulation 1 against micro 4 x accumulation 2) must give the same
+losses; ZeRO-3 checks the parameter partition.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from _trainer_helpers import (
+    REPO,
+    TIMEOUT,
+    assert_loss_falls,
+    command,
+    losses,
+    make_tiny_data,
+    metrics,
+    run_train,
+    write_config,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> dict:
+    return make_tiny_data(tmp_path_factory.mktemp("trainer_data"))
+
+
+# --------------------------------------------------------------------------------------------
+# ZeRO stages
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_zero0_fp32_wandb_eval_and_skipped_nan(tiny_data, tmp_path):
+    """ZeRO-0 fp32 (the GuardedAdamW path): trains, evaluates, skips an injected NaN, logs to wandb."""
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, run)
+    run_train(cfg, ["deepspeed.zero_stage=0", "train.precision=fp32", "train.eval_every=10", "wandb.mode=offline"],
+              env={"PRETRAIN_INJECT_NAN_STEPS": "5", "WANDB_MODE": "offline"})
+    assert_loss_falls(run)
+    rows = {r["step"]: r for r in metrics(run, "train")}
+    assert not math.isfinite(rows[5]["train/loss"])
+    assert rows[5]["train/skipped_steps"] == 1 and rows[20]["train/skipped_steps"] == 1
+    assert all(math.isfinite(rows[s]["train/loss"]) for s in range(6, 21))  # parameters survived
+    # The logged rate is the one each step used; a skipped update does not advance the schedule.
+    from pretrain.schedules import lr_at
+
+    for s in range(1, 21):
+        applied_before = s - 1 - (1 if s > 5 else 0)
+        assert rows[s]["train/lr"] == pytest.approx(
+            lr_at(applied_before, lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=20), rel=1e-6), s
+    evals = metrics(run, "eval")
+    assert [e["step"] for e in evals] == [10, 20]
+    assert all(math.isclose(e["val/ppl"], math.exp(e["val/loss"]), rel_tol=1e-6) for e in evals)
+    setup = metrics(run, "setup")[0]
+    assert setup["setup/param_numel_per_rank"] == [setup["setup/params"]] * 2
+    assert json.loads((run / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    (offline,) = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    blob = offline.read_bytes()
+    for key in (b"train/loss", b"val/ppl", b"perf/tokens_per_s", b"train/skipped_steps"):
+        assert key in blob, key
+
+
+@pytest.mark.slow
+def test_zero1_and_zero2_grad_accumulation_match(tiny_data, tmp_path):
+    """fp32: ZeRO-1 micro 8 x accum 1 and ZeRO-2 micro 4 x accum 2 see the same data, same losses."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_train(write_config(tmp_path / "a.yaml", tiny_data, a),
+              ["deepspeed.zero_stage=1", "train.precision=fp32", "train.micro_batch_size=8", "train.grad_accum_steps=1"])
+    run_train(write_config(tmp_path / "b.yaml", tiny_data, b),
+              ["deepspeed.zero_stage=2", "train.precision=fp32", "train.micro_batch_size=4", "train.grad_accum_steps=2"])
+    assert_loss_falls(a)
+    assert_loss_falls(b)
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == 20
+    assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 2e-4, list(zip(la, lb, strict=True))
+    assert metrics(a, "train")[-1]["train/tokens_seen"] == metrics(b, "train")[-1]["train/tokens_seen"] == 20 * 2 * 8 * 64
+
+
+@pytest.mark.slow
+def test_zero3_partitions_parameters(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run_train(write_config(tmp_path / "c.yaml", tiny_data, run),
+              ["deepspeed.zero_stage=3", "train.precision=bf16", "deepspeed.stage3_param_persistence_threshold=0",
+               "train.eval_every=10"])
+    assert_loss_falls(run)
+    evals = metrics(run, "eval")  # forwards through gathered parameters on both ranks
+    assert [e["step"] for e in evals] == [10, 20] and evals[1]["val/loss"] < evals[0]["val/loss"]
+    setup = metrics(run, "setup")[0]
+    total, per_rank = setup["setup/params"], setup["setup/param_numel_per_rank"]
+    assert len(per_rank) == 2
+    for n in per_rank:
+        assert abs(n - total / 2) <= 0.02 * total, (n, total)
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping: signals and non-finite steps
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_step_saves_and_exits_zero(tiny_data, tmp_path):
+    """SIGTERM to one rank only: both ranks agree to stop after the step, save, exit 0."""
+    import psutil
+
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, run)
+    p = subprocess.Popen(
+        command(cfg, ["deepspeed.zero_stage=2", "train.max_steps=100000", "checkpoint.save_on_exit=true"], 2),
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and len(metrics(run, "train")) < 3:
+            assert p.poll() is None, p.stdout.read()[-4000:]
+            time.sleep(0.5)
+        workers = [c for c in psutil.Process(p.pid).children(recursive=True) if c.environ().get("RANK") == "1"]
+        assert len(workers) == 1
+        workers[0].send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=TIMEOUT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out[-4000:]
+    assert "stop signal" in out
+    last = metrics(run, "train")[-1]["step"]
+    assert 3 <= last < 100000
+    from pretrain.checkpoint import find_latest_complete
+
+    latest = find_latest_complete(run / "checkpoints")
+    assert latest is not None and latest.name.endswith(f"{last:08d}")
+
+
+@pytest.mark.slow
+def test_nonfinite_in_a_row_saves_and_stops_nonzero(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, run)
+    p = run_train(cfg, ["deepspeed.zero_stage=1", "train.precision=bf16", "train.max_nonfinite_in_a_row=2",
+                        "checkpoint.save_on_exit=true"], nproc=1, env={"PRETRAIN_INJECT_NAN_STEPS": "3,4"}, ok=False)
+    assert p.returncode == 3, p.stderr[-4000:]
+    assert "2 non-finite steps in a row" in p.stderr
+    rows = metrics(run, "train")
+    assert rows[-1]["step"] == 4 and rows[-1]["train/skipped_steps"] == 2
+    from pretrain.checkpoint import find_latest_complete
+
+    assert find_latest_complete(run / "checkpoints").name.endswith("00000004")
+
+
+@pytest.mark.slow
+def test_resume_continues_steps_and_the_same_wandb_run(tiny_data, tmp_path):
+    """A second invocation resumes from the checkpoint and logs into the same wandb run id."""
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, run)
+    common = ["deepspeed.zero_stage=1", "wandb.mode=offline", "checkpoint.every_steps=3", "checkpoint.save_on_exit=true"]
+    env = {"WANDB_MODE": "offline"}
+    run_train(cfg, [*common, "train.max_steps=6"], nproc=1, env=env)
+    p = run_train(cfg, [*common, "train.max_steps=10"], nproc=1, env=env)
+    assert "resumed at step 6" in p.stderr
+    assert [r["step"] for r in metrics(run, "train")] == list(range(1, 11))
+    assert metrics(run, "train")[-1]["train/tokens_seen"] == 10 * 4 * 64
+    ids = {d.name.rsplit("-", 1)[-1] for d in (run / "wandb").glob("offline-run-*")}
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1, ids
