@@ -36,7 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Overrides may also follow options (`bench loader --config X key=value`): argparse stops
+    # collecting positionals at the first option, so gather the key=value leftovers here.
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
     from pretrain.config import load_config, to_yaml
     from pretrain.logging_setup import setup_logging
 

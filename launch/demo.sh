@@ -38,12 +38,12 @@ NPROC_PER_NODE=$NPROC PYTHON="$PY" MASTER_PORT=${MASTER_PORT:-29517} launch/torc
 "$PY" - "$RUN_DIR/metrics.jsonl" <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-val = [r for r in rows if "val_loss" in r]
-train = [r for r in rows if "loss" in r]
+train = [r for r in rows if r.get("kind") == "train"]
+val = [r for r in rows if r.get("kind") == "eval"]
 if train:
-    print(f"train loss: {train[0]['loss']:.3f} (step {train[0]['step']}) -> {train[-1]['loss']:.3f} (step {train[-1]['step']})")
+    print(f"train loss: {train[0]['train/loss']:.3f} (step {train[0]['step']}) -> {train[-1]['train/loss']:.3f} (step {train[-1]['step']})")
 if val:
-    print(f"validation perplexity at step {val[-1]['step']}: {val[-1]['val_ppl']:.2f} (loss {val[-1]['val_loss']:.3f})")
+    print(f"validation perplexity at step {val[-1]['step']}: {val[-1]['val/ppl']:.2f} (loss {val[-1]['val/loss']:.3f})")
 PYEOF
 
 stage "4/5 export to Hugging Face Llama format -> $RUN_DIR/export"

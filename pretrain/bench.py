@@ -7,7 +7,7 @@ The same :func:`pretrain.trainer.setup` and :func:`pretrain.trainer.train_step` 
 
 Output keys: ``tokens_per_s`` (global), ``tokens_per_s_per_device``, ``mfu`` (per device, against
 ``peak_flops`` = the device's peak in the run dtype: datasheet on GPUs, a matmul probe on CPU),
-``step_time_s`` (mean; ``step_time_s_min`` the best), ``loader_wait_frac`` (time blocked on the
+``step_time_s`` (mean; ``_min``/``_median`` too, and ``tokens_per_s_median`` for noisy shared machines), ``loader_wait_frac`` (time blocked on the
 loader / step time) and ``phase_frac`` (forward / backward / optimizer step shares of step time).
 """
 
@@ -66,6 +66,9 @@ def bench(cfg: Config) -> int:
         "flops_per_token": flops_per_token,
         "step_time_s": round(total / len(step_times), 4),
         "step_time_s_min": round(min(step_times), 4),
+        "step_time_s_median": round(statistics.median(step_times), 4),
+        # Robust to a neighbour stealing the CPU for a few steps (shared machines); not the headline.
+        "tokens_per_s_median": round(s.tokens_per_step / statistics.median(step_times), 1),
         "step_time_s_stdev": round(statistics.pstdev(step_times), 4),
         "loader_wait_frac": round(sum(waits) / total, 4),
         "phase_frac": {k: round(v / total, 3) for k, v in phases.items()},

@@ -120,19 +120,20 @@ class LMHead(nn.Linear):
     partitioned weight only while its module runs.
     """
 
-    def __init__(self, d_model: int, padded_vocab: int, vocab_size: int, loss_chunk_size: int):
-        super().__init__(d_model, padded_vocab, bias=False)
-        self.vocab_size, self.loss_chunk_size = vocab_size, loss_chunk_size
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.d_model, padded_vocab_size(cfg), bias=False)
+        self.cfg = cfg
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return project_or_loss(h, self.weight, labels, self.vocab_size, self.loss_chunk_size)
+        return project_or_loss(h, self.weight, labels, self.cfg)
 
 
-def project_or_loss(h, weight, labels, vocab_size: int, chunk_size: int) -> torch.Tensor:
+def project_or_loss(h, weight, labels, cfg: ModelConfig) -> torch.Tensor:
     """Logits over the real vocabulary (padding excluded), or the mean loss when labels are given."""
     if labels is None:
-        return F.linear(h, weight[:vocab_size])
-    return chunked_cross_entropy(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), vocab_size, chunk_size)
+        return F.linear(h, weight[: cfg.vocab_size])
+    return chunked_cross_entropy(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), cfg.vocab_size,
+                                 cfg.loss_chunk_size, compiled=cfg.compile)
 
 
 class Block(nn.Module):
@@ -170,7 +171,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # Tied: no lm_head module; under ZeRO-3 the trainer registers embed.weight as an external
         # parameter of the model so it stays gathered for the output projection.
-        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.d_model, self.padded_vocab, cfg.vocab_size, cfg.loss_chunk_size)
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg)
         # RoPE tables stay fp32 plain attributes (not buffers) so .to(bf16) by an engine cannot
         # degrade them; they follow the device lazily in _rope().
         self._rope_tables = rope_cache(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
@@ -253,7 +254,7 @@ class Transformer(nn.Module):
 
         if self.lm_head is not None:
             return self.lm_head(h, labels)
-        return project_or_loss(h, self.embed.weight, labels, self.vocab_size, cfg.loss_chunk_size)
+        return project_or_loss(h, self.embed.weight, labels, cfg)
 
     def _checkpointed(self, i: int) -> bool:
         mode = self.cfg.activation_checkpointing

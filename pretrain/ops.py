@@ -68,10 +68,48 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ------------------------------------------------------------------------------------------------
 
 
+def _softmax_grad(logits: torch.Tensor, y: torch.Tensor, vocab_size: int):
+    """(log p[y] [c, 1] in fp32, softmax - onehot [c, V] in logits' dtype) for one chunk.
+
+    Tuned for eager mode: one fused log_softmax pass, softmax written straight in the compute
+    dtype, and the target column (p - 1, where cancellation matters) computed in fp32 and
+    scattered in. Mutates ``logits`` (the padding columns).
+    """
+    if logits.shape[1] > vocab_size:
+        logits[:, vocab_size:] = float("-inf")
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    logp_y = logp.gather(1, y)
+    g = torch.exp(logp, out=torch.empty(logp.shape, dtype=logits.dtype, device=logp.device))
+    g.scatter_(1, y, (logp_y.exp() - 1).to(logits.dtype))
+    return logp_y, g
+
+
+def _softmax_grad_functional(logits: torch.Tensor, y: torch.Tensor, vocab_size: int):
+    """The same as :func:`_softmax_grad`, written for torch.compile (inductor fuses it into one
+    reduction and one element-wise loop: ~2x faster than the eager version on CPU)."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    lf = logits.to(acc)
+    cols = torch.arange(lf.shape[1], device=lf.device)
+    if lf.shape[1] > vocab_size:
+        lf = lf.masked_fill(cols >= vocab_size, float("-inf"))
+    logp = torch.log_softmax(lf, dim=-1)
+    return logp.gather(1, y), (logp.exp() - (cols == y).to(acc)).to(logits.dtype)
+
+
+_compiled_softmax_grad = None
+
+
+def _softmax_grad_compiled(logits, y, vocab_size):
+    global _compiled_softmax_grad
+    if _compiled_softmax_grad is None:
+        _compiled_softmax_grad = torch.compile(_softmax_grad_functional, dynamic=False)
+    return _compiled_softmax_grad(logits, y, vocab_size)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """mean CE of (hidden @ weight.T) without ever holding [tokens x vocab] fp32 logits.
 
-    Forward walks the tokens in chunks: logits of one chunk (fp32), log-sum-exp, loss. When a
+    Forward walks the tokens in chunks: logits of one chunk, log-softmax in fp32, loss. When a
     gradient will be needed it computes that chunk's gradients right away (softmax - onehot, then
     the two matmuls), so backward only scales them by the incoming scalar gradient: no second
     logits matmul, and at most one chunk of logits alive at any time (the trick of Liger-Kernel's
@@ -80,7 +118,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, vocab_size: int, chunk_size: int, compute_dtype):  # type: ignore[override]
+    def forward(ctx, hidden, weight, labels, vocab_size: int, chunk_size: int, compute_dtype, compiled: bool):  # type: ignore[override]
         ctx.weight_dtype = weight.dtype
         w = weight.to(compute_dtype)
         h_all = hidden.to(compute_dtype)
@@ -97,20 +135,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             ok = y != IGNORE_INDEX
             y_safe = torch.where(ok, y, 0)[:, None]
             logits = h @ w.t()
-            if w.shape[0] > vocab_size:
-                logits[:, vocab_size:] = float("-inf")
-            logp = torch.log_softmax(logits, dim=-1, dtype=acc_dtype)  # one fused pass
-            del logits
-            logp_target = logp.gather(1, y_safe)
-            total -= torch.where(ok[:, None], logp_target, 0.0).sum()
             if not (want_h or want_w):
+                if logits.shape[1] > vocab_size:
+                    logits[:, vocab_size:] = float("-inf")
+                logp_y = torch.log_softmax(logits, dim=-1, dtype=acc_dtype).gather(1, y_safe)
+                total -= torch.where(ok[:, None], logp_y, 0.0).sum()
                 continue
             # d(mean CE)/d logits = (softmax - onehot) * scale, scale = 1/n_valid on valid rows
-            # and 0 on ignored ones. softmax is written straight in the compute dtype; the target
-            # column (p - 1, where cancellation matters) is computed in fp32 and scattered in.
-            g = torch.exp(logp, out=torch.empty(logp.shape, dtype=compute_dtype, device=logp.device))
-            del logp
-            g.scatter_(1, y_safe, (logp_target.exp() - 1).to(compute_dtype))
+            # and 0 on ignored ones.
+            logp_y, g = (_softmax_grad_compiled if compiled else _softmax_grad)(logits, y_safe, vocab_size)
+            del logits
+            total -= torch.where(ok[:, None], logp_y, 0.0).sum()
             # The row scale goes on the [chunk, d_model] side of each matmul, not on [chunk, vocab].
             scale = (ok.to(acc_dtype) / denom)[:, None]
             if want_h:
@@ -129,7 +164,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             gh = (grad_hidden * grad_out.to(grad_hidden.dtype)).to(ctx.hidden_dtype)
         if grad_weight is not None:
             gw = (grad_weight * grad_out).to(ctx.weight_dtype)
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -137,7 +172,8 @@ def chunked_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     vocab_size: int | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int = 512,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (ignore_index -100).
 
@@ -145,6 +181,7 @@ def chunked_cross_entropy(
     ``F.cross_entropy(hidden @ weight[:vocab_size].T, labels)``; logits exist one chunk of
     ``chunk_size`` tokens at a time. ``chunk_size=0`` is the unfused reference path. Under
     autocast the matmuls run in the autocast dtype, as an autocast ``nn.Linear`` would.
+    ``compiled`` runs the per-chunk softmax/gradient through torch.compile (model.compile).
     """
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
     if chunk_size <= 0:
@@ -153,4 +190,4 @@ def chunked_cross_entropy(
     dev = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     with torch.autocast(dev, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, vocab_size, chunk_size, compute_dtype)
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, vocab_size, chunk_size, compute_dtype, compiled)

@@ -31,7 +31,7 @@ def free_port() -> int:
 
 def losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    out = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    out = {r["step"]: r["train/loss"] for r in rows if r.get("kind") == "train"}
     assert out, f"no training losses in {run_dir / 'metrics.jsonl'}"
     return out
 
@@ -155,7 +155,7 @@ def test_slurm_preemption_saves_and_requeued_job_resumes(tmp_path, train_args):
     run(["bash", str(LAUNCH / "slurm.sbatch"), *train_args(run_dir, stopped_at + 2)], env=slurm_env(tmp_path),
         cwd=REPO)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    steps = [r["step"] for r in rows if "loss" in r]
+    steps = [r["step"] for r in rows if r.get("kind") == "train"]
     assert steps[-1] == stopped_at + 2
     assert len(steps) == len(set(steps)), f"a step was trained twice after the requeue: {steps}"
 

@@ -72,3 +72,9 @@ def test_data_pipelines_config_errors_exit_2(any_config):
 def test_deepspeed_launcher_local_rank_argument_is_accepted(any_config):
     p = run("-m", "pretrain", "--local_rank=0", "train", str(any_config), "--print-config")
     assert p.returncode == 0, p.stderr
+
+
+def test_overrides_may_follow_options(any_config):
+    """`bench loader --config X key=value`: the override after the option is still read."""
+    p = run("-m", "data_pipelines", "bench", "loader", "--config", str(any_config), "data.seq_lenn=8")
+    assert p.returncode == 2 and "data.seq_lenn" in p.stderr and "data.seq_len" in p.stderr

@@ -77,6 +77,8 @@ def test_export_fp32_matches_transformers_logits(zero3_run, tmp_path):
     # Really sharded: one ZeRO-3 partition (parameters + optimizer) per rank was consolidated.
     assert len(list((step_dir / "engine").glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))) == 2
     ours, cfg = _ours(step_dir)
+    meta = json.loads((step_dir / "meta.json").read_text())  # the data the run saw, by reference
+    assert meta["scrub_manifests"][0]["sha256"] and meta["scrub_manifests"][0]["config_hash"]
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert hf.config.vocab_size == 4096 and hf.model.embed_tokens.weight.shape == (4096, 64)
     assert ours.embed.weight.shape[0] == 4128  # padded to a multiple of 96
