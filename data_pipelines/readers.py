@@ -56,12 +56,15 @@ class InputUnit:
     kind: str  # jsonl | parquet | text | hf | enwiki
     path: str  # file path, hub name (without hf:), or the builtin name
     config: str | None = None  # hub dataset config
+    part: int = 0  # hub datasets: this unit reads shard `part` of `parts` (its data files)
+    parts: int = 1
 
     @property
     def key(self) -> str:
         """File-name-safe, unique and stable name used for markers and temp files."""
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.path).name or self.path)[-60:]
-        return f"{self.index:05d}-{stem}"
+        suffix = f"-part{self.part}of{self.parts}" if self.parts > 1 else ""
+        return f"{self.index:05d}-{stem}{suffix}"
 
 
 @dataclass(slots=True)
@@ -92,7 +95,7 @@ def _kind_of(path: str, forced: str) -> str:
 def resolve_inputs(cfg) -> list[InputUnit]:
     """Expand scrub.inputs into units in a deterministic order (inputs in the given order, files
     within a glob or directory sorted). Raises UserError naming an input that matches nothing."""
-    units: list[tuple[str, str, str | None]] = []
+    units: list[tuple] = []
     for spec in cfg.inputs:
         if spec == ENWIKI:
             units.append(("enwiki", spec, None))
@@ -102,7 +105,9 @@ def resolve_inputs(cfg) -> list[InputUnit]:
             name, _, conf = spec[3:].partition(":")
             if not name:
                 raise UserError(f"scrub.inputs: {spec!r} must look like hf:NAME or hf:NAME:CONFIG")
-            units.append(("hf", name, conf or None))
+            # One unit per shard (data file) of the dataset, so workers and machines share it out.
+            n = _open_hf(name, conf or None, cfg.hf_split).num_shards
+            units += [("hf", name, conf or None, i, n) for i in range(n)]
         else:
             p = Path(spec)
             if p.is_dir():
@@ -117,7 +122,7 @@ def resolve_inputs(cfg) -> list[InputUnit]:
                 raise UserError(f"scrub.inputs: {spec} matches no files")
             for f in files:
                 units.append((_kind_of(f, cfg.input_format), str(Path(f).resolve()), None))
-    return [InputUnit(i, kind, path, conf) for i, (kind, path, conf) in enumerate(units)]
+    return [InputUnit(i, *u) for i, u in enumerate(units)]
 
 
 def input_info(unit: InputUnit) -> dict:
@@ -155,6 +160,13 @@ def _hf():
 
     datasets.disable_progress_bars()
     return datasets
+
+
+def _open_hf(name: str, config: str | None, split: str):
+    try:
+        return _hf().load_dataset(name, config, split=split, streaming=True)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"scrub.inputs: cannot open hf:{name}: {e}") from None
 
 
 def _decompressed_lines(path: str) -> Iterator[bytes]:
@@ -237,11 +249,10 @@ def _read_rows(unit: InputUnit, cfg) -> Iterator[Record]:
         ds = hf.load_dataset("parquet", data_files=[unit.path], split="train", streaming=True)
         source = Path(unit.path).name
     else:
-        try:
-            ds = hf.load_dataset(unit.path, unit.config, split=cfg.hf_split, streaming=True)
-        except (FileNotFoundError, ValueError) as e:
-            raise UserError(f"scrub.inputs: cannot open hf:{unit.path}: {e}") from None
-        source = unit.path
+        ds = _open_hf(unit.path, unit.config, cfg.hf_split)
+        if unit.parts > 1:
+            ds = ds.shard(num_shards=unit.parts, index=unit.part)
+        source = unit.path if unit.parts == 1 else f"{unit.path}#{unit.part}"
     for i, row in enumerate(ds):
         text = row.get(cfg.text_field)
         size = len(text) if isinstance(text, str) else 0
