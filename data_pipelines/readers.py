@@ -6,7 +6,8 @@ are what workers and machines share out and what resume skips):
 - local files, globs and directories: ``.jsonl``/``.json``(lines) optionally ``.gz``/``.zst``,
   ``.parquet``, plain text (``.txt``, ``.md``; one document per file);
 - ``hf:NAME[:CONFIG]``: a Hugging Face dataset streamed with ``load_dataset(..., streaming=True)``
-  (``scrub.hf_split``); a local dataset directory works the same way, which is how it is tested;
+  (``scrub.hf_split``), one unit per shard (data file) via ``IterableDataset.shard``; a local
+  dataset directory works the same way, which is how it is tested offline;
 - ``builtin:enwiki-sample``: the 106 Wikipedia articles gensim ships in its wheel (MediaWiki XML,
   CC BY-SA), markup stripped, one document per article, title and licence kept in ``meta``.
 
@@ -133,7 +134,8 @@ def input_info(unit: InputUnit) -> dict:
         path = enwiki_path()
         return {"input": unit.path, "path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
     if unit.kind == "hf":
-        return {"input": f"hf:{unit.path}" + (f":{unit.config}" if unit.config else ""), "bytes": None, "sha256": None}
+        name = f"hf:{unit.path}" + (f":{unit.config}" if unit.config else "")
+        return {"input": name, "part": f"{unit.part}/{unit.parts}", "bytes": None, "sha256": None}
     p = Path(unit.path)
     return {"input": unit.path, "path": unit.path, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
 

@@ -256,12 +256,11 @@ def phase1_unit(unit: InputUnit, cfg, out_dir: str) -> dict:
                 if reason:
                     st.drop(f"quality.{reason}", mask, rec.id, rec.source, text)
                     continue
-            if s.dedup.enabled:
-                t = clock()
-                exact.append(exact_key(text) if s.dedup.exact else len(exact))
-                if f.minhash:
-                    sigs.append(f.minhash.signature(words if words is not None else Words.of(text)))
-                tm["dedup_signature"] += clock() - t
+            t = clock()  # one exact key per candidate always: it also counts them for phase 2
+            exact.append(exact_key(text) if s.dedup.enabled and s.dedup.exact else len(exact))
+            if f.minhash:
+                sigs.append(f.minhash.signature(words if words is not None else Words.of(text)))
+            tm["dedup_signature"] += clock() - t
             meta = dict(rec.meta)
             if scrub_meta:
                 meta["scrub"] = scrub_meta

@@ -78,7 +78,7 @@ class ModelConfig:
     attention: str = fld("auto", "Attention backend: auto picks the fastest available for the device, dtype and masking and logs it (flash_attn on CUDA when installed, else flex for document masking, else sdpa; on CPU eager for bf16 sequences <= 256 tokens, else sdpa); flash_attn and flex need CUDA; eager is the reference.", choices=("auto", "sdpa", "flash_attn", "flex", "eager"))
     doc_masking: bool = fld(False, "Packed sequences: tokens attend only within their own document.")
     reset_positions: bool = fld(False, "Restart RoPE positions at every document boundary.")
-    compile: bool = fld(False, "torch.compile each Transformer block (fuses RMSNorm, RoPE, SwiGLU; ~1.15x on the CPU bench shape, costs a one-time compile at start-up).")
+    compile: bool = fld(False, "torch.compile each Transformer block (fuses RMSNorm, RoPE, SwiGLU; ~1.17x on the CPU bench shape, costs a one-time compile at start-up).")
     activation_checkpointing: str = fld("none", "Recompute activations in backward.", choices=("none", "full", "every_n"))
     checkpoint_every_n: int = fld(2, "With activation_checkpointing=every_n: checkpoint every n-th block.", ge=1)
     loss_chunk_size: int = fld(512, "Tokens per chunk of the fused linear + cross-entropy: only [chunk x vocab] logits exist at a time (0 = plain F.cross_entropy over full fp32 logits, the reference).", ge=0)
@@ -193,7 +193,7 @@ class PIIConfig:
         ["email", "phone", "ip", "credit_card", "ssn", "iban", "secret", "url_credentials"],
         "PII types to redact (any of: secret, url_credentials, email, iban, credit_card, ssn, ip, phone).",
     )
-    replacement: str = fld("placeholder", "placeholder: typed tokens like <|email|>; pseudonym: keyed HMAC-SHA256 tags like <|email:3fa9c2d1|>, the same value giving the same tag corpus-wide.", choices=("placeholder", "pseudonym"))
+    replacement: str = fld("placeholder", "placeholder: one special token per type (data_pipelines/filters/pii_types.py); pseudonym: a keyed HMAC-SHA256 tag per value (type + 8 hex digits), the same value giving the same tag corpus-wide.", choices=("placeholder", "pseudonym"))
     secret_env: str = fld("PII_HMAC_SECRET", "Environment variable holding the pseudonym key (never written anywhere).")
     redact_private_ips: bool = fld(False, "Also redact private, loopback, reserved and documentation IP ranges.")
     phone_regions: list[str] = fld(["US", "GB", "DE", "FR", "IN"], "Regions tried for national-format phone numbers (numbers with + or 00 are checked for every country).")
@@ -676,7 +676,8 @@ def reference_markdown() -> str:
             if m.get("choices"):
                 rng.append("one of " + ", ".join(f"`{c}`" for c in m["choices"]))
             extra = f" ({'; '.join(rng)})" if rng else ""
-            lines.append(f"| `{prefix}{f.name}` | `{shown}` | {m.get('help', '')}{extra} |")
+            help_text = m.get("help", "").replace("|", "\\|")  # a bare | would end the table cell
+            lines.append(f"| `{prefix}{f.name}` | `{shown}` | {help_text}{extra} |")
         for sub, p, h in subs:
             section(sub, p, h)
 

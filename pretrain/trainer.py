@@ -2,13 +2,17 @@
 
 Layout, top to bottom::
 
-    setup(cfg)                 process group, seed, tokenizer, loaders, model, DeepSpeed engine
-    train(cfg)                 resume -> monitor -> loop -> final save -> exit status
-      loop:  train_step        micro-batches through forward / backward / engine.step
+    setup(cfg)                 process group, seed, tokenizer, loader, model, DeepSpeed engine
+    train(cfg)                 signals -> setup -> resume -> monitor -> loop -> final save -> status
+      loop:  train_step        micro-batches (from the Prefetcher thread) through forward /
+                               backward / engine.step
              agree             one all-reduce: mean loss + stop requests (signal, time budget)
-             account           skipped / non-finite steps, tokens, throughput, metrics
-             evaluate          every train.eval_every steps (and at the end)
+             NonFinite         skipped / non-finite steps (DeepSpeed skips the update itself)
+             _log_step         progress bar, metrics.jsonl + wandb every train.log_every steps
+             evaluate          every train.eval_every steps (and at a normal end)
              checkpoint        when due, and on every exit path (checkpoint.save_on_exit)
+
+``bench`` reuses ``setup``, ``Prefetcher`` and ``train_step``: the benchmark times this code.
 
 Every rank takes every decision from reduced values, so ranks never disagree about stopping,
 skipping or saving. Exit status: 0 on a normal stop or a signal (SIGTERM/SIGUSR1: the current

@@ -674,6 +674,8 @@ class _HyperscanScanner:
             expressions=[p.core.encode() for p in patterns], ids=list(range(len(patterns))),
             elements=len(patterns), flags=flags,
         )
+        self.fallback = _ReScanner(patterns, compiled)
+        self.terminated = hyperscan.ScanTerminated
 
     def scan(self, text: str) -> Iterable[tuple[int, re.Match]]:
         # Non-ASCII characters become '?', one byte each, so byte offsets are str offsets. Every
@@ -681,11 +683,22 @@ class _HyperscanScanner:
         data = text.encode("ascii", "replace")
         hits: list[tuple[int, int, int]] = []
         add = hits.append
+        # Hyperscan reports every end offset of every candidate; a pathological document (a
+        # megabyte of digits) would cost a Python callback per byte. Past this many reports, stop
+        # and let the regex scanner do that document: the same spans, without the callbacks.
+        cap = 4096 + len(data) // 16
 
-        def on_match(pid: int, start: int, end: int, _flags: int, _ctx: object) -> None:
+        def on_match(pid: int, start: int, end: int, _flags: int, _ctx: object) -> bool:
             add((pid, start, end))
+            return len(hits) > cap  # True halts the scan
 
-        self.db.scan(data, match_event_handler=on_match)
+        try:
+            self.db.scan(data, match_event_handler=on_match)
+        except self.terminated:
+            pass
+        if len(hits) > cap:
+            yield from self.fallback.scan(text)
+            return
         if not hits:
             return
         # Merge the (many, overlapping) reports per pattern into windows, then run the exact regex

@@ -154,6 +154,19 @@ def test_engines_agree_and_fallback_is_chosen_without_hyperscan(monkeypatch):
         redactor("hyperscan")
 
 
+@pytest.mark.skipif(not hyperscan_available(), reason="hyperscan not installed")
+def test_pathological_digit_runs_fall_back_to_regex_scan(monkeypatch):
+    hs = redactor("hyperscan")
+    calls = []
+    real = hs.scanner.fallback.scan
+    monkeypatch.setattr(hs.scanner.fallback, "scan", lambda text: calls.append(1) or real(text))
+    text = ("1234567890" * 500 + " call (212) 555-0147 now ") * 20
+    spans = hs.detect(text)
+    assert calls == [1]  # too many hyperscan reports: the document went to the regex scanner
+    assert [text[s.start:s.end] for s in spans] == ["(212) 555-0147"] * 20
+    assert spans == redactor("re").detect(text)
+
+
 def test_clean_prose_yields_no_candidates(r):
     text = "The quick brown fox jumps over the lazy dog, as it did in the year 1999 and again later. " * 50
     assert list(r.scanner.scan(text)) == []

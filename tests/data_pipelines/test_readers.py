@@ -111,7 +111,7 @@ def test_hf_dataset_name_path_offline(tmp_path):
     assert unit.kind == "hf"
     assert [(r.id, r.text) for r in read_unit(unit, c)] == [(g["id"], g["text"]) for g in GOOD]
     # a dataset with several data files becomes one unit per file (shared out to workers)
-    (d / "train-2.jsonl").write_text(json.dumps({"id": "e", "text": "extra"}) + "\n")
+    (d / "train-2.jsonl").write_text(json.dumps({"id": "e", "text": "extra", "lang": "en"}) + "\n")
     units = resolve_inputs(c)
     assert [(u.part, u.parts) for u in units] == [(0, 2), (1, 2)] and len({u.key for u in units}) == 2
     assert sorted(r.id for u in units for r in read_unit(u, c)) == ["d0", "d1", "d2", "e"]

@@ -201,3 +201,31 @@ def test_cli_bad_input_exits_2(tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2
     assert "nope.jsonl does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_filters_off_keep_everything_well_formed_and_counterfactual(tmp_path):
+    make_corpus(tmp_path)
+    off = ["scrub.normalize.enabled=false", "scrub.language.enabled=false", "scrub.quality.enabled=false",
+           "scrub.dedup.enabled=false", "scrub.toxicity.enabled=false", "scrub.pii.enabled=false",
+           "scrub.bias.counterfactual_rate=1.0"]
+    assert run_scrub(config(tmp_path, "out", *off)) == 0
+    m = read_manifest(tmp_path / "out")
+    assert m["dropped_by_reason"] == {"malformed.bad_json": 1, "malformed.missing_text": 1, "malformed.empty_text": 1}
+    assert m["documents"]["kept"] == 13 and m["filters"]["dedup"] == "off" and m["filters"]["pii"] == "off"
+    docs = kept_docs(tmp_path / "out")
+    assert "jane.doe@example.org" in docs["a1"]  # PII off: left as is
+    assert docs["b_toxic"].startswith("You are a fucking idiot.")
+    assert "the old mill" in docs["short"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["counterfactual_swapped"] == 13
+
+
+def test_toxicity_mask_action(tmp_path):
+    make_corpus(tmp_path)
+    mixed = prose(7) + "\n" + TOXIC + "\n" + prose(8)
+    write_jsonl(tmp_path / "in" / "c.jsonl", [{"id": "mixed", "text": mixed}])
+    assert run_scrub(config(tmp_path, "out", "scrub.toxicity.action=mask", "scrub.toxicity.chunk_chars=100")) == 0
+    docs = kept_docs(tmp_path / "out")
+    assert "fuck" not in docs["mixed"]
+    assert prose(7).split(". ")[0] in docs["mixed"] and prose(8).split(". ")[-1] in docs["mixed"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["toxicity_masked_docs"] >= 1

@@ -157,12 +157,17 @@ def test_nonfinite_in_a_row_saves_and_stops_nonzero(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_continues_steps_and_the_same_wandb_run(tiny_data, tmp_path):
-    """A second invocation resumes from the checkpoint and logs into the same wandb run id."""
-    run = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", tiny_data, run)
-    common = ["deepspeed.zero_stage=1", "wandb.mode=offline", "checkpoint.every_steps=3", "checkpoint.save_on_exit=true"]
+def test_resume_continues_exactly_and_in_the_same_wandb_run(tiny_data, tmp_path):
+    """Stop at 6 + resume to 10 equals 10 uninterrupted steps (fp32), and wandb continues one run.
+
+    Checks the loop's side of exact resume: the loader state saved is the one after the last batch
+    the loop consumed, not after the batches the prefetch thread had already read.
+    """
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    common = ["deepspeed.zero_stage=1", "train.precision=fp32", "optim.schedule=constant", "wandb.mode=offline",
+              "checkpoint.every_steps=3", "checkpoint.save_on_exit=true"]
     env = {"WANDB_MODE": "offline"}
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, run)
     run_train(cfg, [*common, "train.max_steps=6"], nproc=1, env=env)
     p = run_train(cfg, [*common, "train.max_steps=10"], nproc=1, env=env)
     assert "resumed at step 6" in p.stderr
@@ -170,3 +175,7 @@ def test_resume_continues_steps_and_the_same_wandb_run(tiny_data, tmp_path):
     assert metrics(run, "train")[-1]["train/tokens_seen"] == 10 * 4 * 64
     ids = {d.name.rsplit("-", 1)[-1] for d in (run / "wandb").glob("offline-run-*")}
     assert len(list((run / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1, ids
+
+    run_train(write_config(tmp_path / "r.yaml", tiny_data, ref), [*common, "train.max_steps=10", "wandb.mode=disabled"],
+              nproc=1)
+    assert losses(run) == pytest.approx(losses(ref), abs=1e-6)
