@@ -73,6 +73,11 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, do
     half = dtype in (torch.float16, torch.bfloat16)
     if requested != "auto":
         choice, why = requested, "requested"
+        if choice == "flash_attn" and not half:
+            raise UserError(
+                f"model.attention=flash_attn needs bf16 or fp16 activations, got {str(dtype).removeprefix('torch.')}; "
+                "set train.precision=bf16 or model.attention=auto"
+            )
     elif device.type == "cuda" and flash_attn_available() and half:
         choice = "flash_attn"
         why = "flash-attn installed" + (" (varlen kernel for document masking)" if doc_masking else "")

@@ -64,16 +64,19 @@ def generate(
     gen.manual_seed(seed if seed is not None else torch.seed())
     was_training = model.training
     model.eval()
+    # Compiled blocks (model.compile) would recompile as the cache grows; one-token decoding gains
+    # nothing from compilation, so generation runs them eagerly.
     try:
-        cache = KVCache(model.cfg, 1, ids.numel() + max_new_tokens, device, param.dtype)
-        logits = model(ids[None], cache=cache)[0, -1]
-        out: list[int] = []
-        for step in range(max_new_tokens):
-            nxt = _pick(logits.float(), temperature, top_k, top_p, gen)
-            out.append(nxt)
-            if (eos_id is not None and nxt == eos_id) or step == max_new_tokens - 1:
-                break
-            logits = model(torch.tensor([[nxt]], device=device), cache=cache)[0, -1]
+        with torch.compiler.set_stance("force_eager"):
+            cache = KVCache(model.cfg, 1, ids.numel() + max_new_tokens, device, param.dtype)
+            logits = model(ids[None], cache=cache)[0, -1]
+            out: list[int] = []
+            for step in range(max_new_tokens):
+                nxt = _pick(logits.float(), temperature, top_k, top_p, gen)
+                out.append(nxt)
+                if (eos_id is not None and nxt == eos_id) or step == max_new_tokens - 1:
+                    break
+                logits = model(torch.tensor([[nxt]], device=device), cache=cache)[0, -1]
         return out
     finally:
         model.train(was_training)

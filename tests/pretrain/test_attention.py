@@ -103,3 +103,8 @@ def test_flash_attn_requested_where_missing_is_a_clear_error():
 def test_flex_on_cpu_is_a_clear_error():
     with pytest.raises(UserError, match=r"model.attention=flex"):
         A.check_backend("flex")
+
+
+def test_flash_attn_in_fp32_is_a_clear_error():
+    with pytest.raises(UserError, match=r"flash_attn needs bf16 or fp16"):
+        A.resolve_backend("flash_attn", torch.device("cuda"), torch.float32, False, 128)

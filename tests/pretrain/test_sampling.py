@@ -76,3 +76,15 @@ def test_bad_arguments(model):
         generate(model, [], 3)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [1], 3, top_p=1.5)
+
+
+def test_generation_with_compiled_blocks_runs_eagerly_and_agrees(model):
+    import dataclasses
+    import time
+
+    compiled = Transformer(dataclasses.replace(model.cfg, compile=True)).eval()
+    compiled.load_state_dict(model.state_dict())
+    t0 = time.perf_counter()
+    got = generate(compiled, [3, 1, 4, 1, 5], max_new_tokens=15, temperature=0)
+    assert time.perf_counter() - t0 < 5.0  # no per-length recompilation
+    assert got == generate(model, [3, 1, 4, 1, 5], max_new_tokens=15, temperature=0)
