@@ -11,12 +11,13 @@ Layout written by :func:`data_pipelines.scrub.run_scrub`::
       "format_version": 1,
       "config_hash": "<sha256 of the resolved scrub config>",
       "created": "2026-01-01T00:00:00+00:00",
-      "inputs": [{"path": ..., "bytes": ..., "fingerprint": ...}],
+      "inputs": [{"input": ..., "path": ..., "bytes": ..., "sha256": ...}],
       "shards": [{"path": "shards/part-00000-00000.parquet", "docs": n, "bytes": b, "sha256": ...}],
       "documents": {"read": n, "kept": n, "dropped": n},
       "pii": {"placeholders": {"email": "<|email|>", ...}, "counts": {"email": n, ...}},
-      "filters": {"normalize": "1", ...},
-      ...
+      "filters": {"normalize": "1", ...},          # filter versions ("off" when disabled)
+      "dropped_by_reason": {...}, "format": "parquet", "columns": [...],
+      "document_separator": "<|endoftext|>", "scrub_config": {...}
     }
 """
 

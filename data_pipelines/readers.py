@@ -217,6 +217,8 @@ def _too_large(line: str, limit: int) -> bool:
 def _read_jsonl(unit: InputUnit, cfg) -> Iterator[Record]:
     source = Path(unit.path).name
     for lineno, line in enumerate(_raw_lines(unit.path), start=1):
+        if lineno == 1:
+            line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the record
         if not line.strip():
             continue  # blank lines are not records
         where = f"{source}:{lineno}"

@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 WORK = "_work"
 EXECUTION_KEYS = ("workers", "rank", "world_size", "stage", "wait_timeout_s", "output")
 AUDIT_CHARS = 1500
-_BATCH_DOCS = 512
+_BATCH_DOCS = 512  # rows buffered before a write: bounded by count and by characters
+_BATCH_CHARS = 32_000_000
 
 
 def filter_versions(cfg) -> dict[str, str]:
@@ -211,6 +212,7 @@ def phase1_unit(unit: InputUnit, cfg, out_dir: str) -> dict:
                     v.clear()
 
         records = iter(read_unit(unit, s))
+        buffered = 0
         tm, clock = st.d["stage_seconds"], time.perf_counter
         while True:
             t = clock()
@@ -270,8 +272,10 @@ def phase1_unit(unit: InputUnit, cfg, out_dir: str) -> dict:
             rows["meta"].append(json.dumps(meta, ensure_ascii=False, default=str))
             rows["groups"].append(mask)
             st.d["candidates"] += 1
-            if len(rows["id"]) >= _BATCH_DOCS:
+            buffered += len(text)
+            if len(rows["id"]) >= _BATCH_DOCS or buffered >= _BATCH_CHARS:
                 flush()
+                buffered = 0
         flush()
     ex = np.array(exact, dtype=np.uint64)
     sg = np.stack(sigs) if sigs else np.zeros((0, s.dedup.num_perm), dtype=np.uint32)
@@ -331,6 +335,7 @@ class _ShardWriter:
         self.path, self.fmt = path, fmt
         self.tmp = path.with_name("." + path.name + ".tmp")
         self.rows = 0
+        self._chars = 0
         self._buf: dict[str, list] = {k: [] for k in ("id", "text", "source", "meta")}
         self._writer = None
         self._fh = None
@@ -339,7 +344,8 @@ class _ShardWriter:
         for k, v in zip(self._buf, (rid, text, source, meta), strict=True):
             self._buf[k].append(v)
         self.rows += 1
-        if len(self._buf["id"]) >= _BATCH_DOCS:
+        self._chars += len(text)
+        if len(self._buf["id"]) >= _BATCH_DOCS or self._chars >= _BATCH_CHARS:
             self._flush()
 
     def _flush(self) -> None:
@@ -366,6 +372,7 @@ class _ShardWriter:
             self._writer.write("".join(lines).encode("utf-8"))
         for v in self._buf.values():
             v.clear()
+        self._chars = 0
 
     def close(self) -> bool:
         """Finish and rename; False (and no file) when no row was written."""

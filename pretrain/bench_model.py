@@ -25,6 +25,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from pretrain.config import ModelConfig, load_config
 from pretrain.flops import flops_per_token, peak_flops_per_s
 from pretrain.model import Transformer
 
+_REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("nanogpt_autocast", "autocast", "bf16_master", "autocast_compile", "bf16_master_compile")
 
 
@@ -239,7 +241,8 @@ def run_variants(variants: list[str], cfg: ModelConfig, batch: int, seq: int, wa
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pretrain.bench_model", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/model/cpu_small.yaml", help="YAML with a model: section")
+    p.add_argument("--config", default=str(_REPO / "configs" / "model" / "cpu_small.yaml"),
+                   help="YAML with a model: section (default: the CPU bench shape)")
     p.add_argument("--variants", default="nanogpt_autocast,autocast,bf16_master",
                    help=f"comma-separated, from {', '.join(VARIANTS)}; a suffix like "
                    "[attention=eager;loss_chunk_size=512] sets model keys for one variant")

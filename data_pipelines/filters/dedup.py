@@ -157,14 +157,18 @@ def find_duplicates(exact: np.ndarray, sigs: np.ndarray | None = None, bands: np
             if e - s < 2:
                 continue
             members = alive[o[s:e]]
-            for j in range(1, len(members)):
-                earlier = members[:j]
-                sim = (sigs[earlier] == sigs[members[j]]).mean(axis=1)
+            # Compare each member with the bucket's representatives only (members that matched
+            # no earlier representative): a bucket of k copies of one page costs O(k), not O(k^2).
+            reps = [int(members[0])]
+            for m in members[1:]:
+                sim = (sigs[reps] == sigs[m]).mean(axis=1)
                 hit = np.flatnonzero(sim >= threshold)
-                if len(hit):
-                    ra, rb = _find(parent, int(earlier[hit[0]])), _find(parent, int(members[j]))
-                    if ra != rb:
-                        parent[max(ra, rb)] = min(ra, rb)  # the root is the earliest document
+                if len(hit) == 0:
+                    reps.append(int(m))
+                    continue
+                ra, rb = _find(parent, reps[int(hit[0])]), _find(parent, int(m))
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)  # the root is the earliest document
     for x in list(parent):
         if _find(parent, x) != x:
             out[x] = NEAR

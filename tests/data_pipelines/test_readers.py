@@ -62,6 +62,13 @@ def test_compressed_jsonl_read_identically(tmp_path):
     assert per_file["a.jsonl"] == per_file["b.jsonl.gz"] == per_file["c.jsonl.zst"]
 
 
+def test_byte_order_mark_is_not_a_bad_record(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD[0]).encode() + b"\n")
+    (rec,) = records(cfg([p]))
+    assert rec.error is None and rec.id == "d0"
+
+
 def test_text_field_and_id_field(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text(json.dumps({"key": "k1", "content": "hello"}) + "\n" + json.dumps({"content": "bye"}) + "\n")

@@ -154,19 +154,36 @@ def test_loss_equals_cross_entropy_of_logits():
     assert abs(loss.item() - math.log(97)) < 0.5  # near-uniform at init
 
 
-def _grads(cfg, x, y):
+def _grads(cfg, x, y, **kw):
     m = _model(cfg).train()
-    m(x, labels=y).backward()
+    m(x, labels=y, **kw).backward()
     return {n: p.grad.clone() for n, p in m.named_parameters()}
 
 
 @pytest.mark.parametrize("mode", ["full", "every_n"])
-def test_activation_checkpointing_gives_identical_grads(mode):
+@pytest.mark.parametrize("doc_masking", [False, True])
+def test_activation_checkpointing_gives_identical_grads(mode, doc_masking):
     x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
-    ref = _grads(tiny(n_layers=3), x, y)
-    got = _grads(tiny(n_layers=3, activation_checkpointing=mode, checkpoint_every_n=2), x, y)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 11, [0] * 16])
+    extra = dict(doc_masking=doc_masking, reset_positions=doc_masking)
+    ref = _grads(tiny(n_layers=3, **extra), x, y, doc_ids=doc_ids)
+    got = _grads(tiny(n_layers=3, activation_checkpointing=mode, checkpoint_every_n=2, **extra), x, y, doc_ids=doc_ids)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_given_position_ids_equal_derived_ones():
+    m = _model(tiny(doc_masking=True, reset_positions=True, init_std=0.2))  # peaked attention
+    x = torch.randint(0, 97, (2, 12))
+    doc_ids = torch.tensor([[0] * 4 + [1] * 8, [0] * 7 + [1] * 5])
+    with torch.no_grad():
+        derived = m(x, doc_ids=doc_ids)
+        given = m(x, doc_ids=doc_ids, position_ids=positions_from_doc_ids(doc_ids))
+        shifted = m(x, doc_ids=doc_ids, position_ids=positions_from_doc_ids(doc_ids) + 3)
+        scrambled = m(x, doc_ids=doc_ids, position_ids=positions_from_doc_ids(doc_ids).flip(-1))
+    torch.testing.assert_close(given, derived)
+    torch.testing.assert_close(shifted, derived, rtol=1e-4, atol=1e-4)  # RoPE is relative
+    assert not torch.allclose(scrambled, derived, atol=1e-3)  # positions really reach RoPE
 
 
 def test_init_scales_residual_projections():
