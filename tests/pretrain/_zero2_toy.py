@@ -1,6 +1,7 @@
 """Run by test_dist.py under torchrun: a DeepSpeed ZeRO-2 engine on a toy module, CPU + gloo.
 
-Prints one JSON line per rank with its losses, so the test can check that ranks agree and learn.
+Writes rank<N>.json (losses, a parameter slice) into argv[2], so the test can check that ranks
+agree and learn (files, not stdout: two ranks printing at once interleave their lines).
 """
 
 import json
@@ -34,6 +35,7 @@ for _ in range(int(sys.argv[1])):
 first = [p.detach().flatten()[:4].tolist() for p in engine.module.parameters()][0]
 import deepspeed.accelerator as acc  # noqa: E402
 
-print(json.dumps({"rank": info.rank, "world": info.world_size, "backend": info.backend,
-                  "accelerator": acc.get_accelerator().device_name(), "losses": losses, "param": first}),
-      flush=True)
+result = {"rank": info.rank, "world": info.world_size, "backend": info.backend,
+          "accelerator": acc.get_accelerator().device_name(), "losses": losses, "param": first}
+with open(f"{sys.argv[2]}/rank{info.rank}.json", "w") as f:
+    json.dump(result, f)

@@ -33,14 +33,14 @@ def test_strip_launcher_args(monkeypatch):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_zero2_on_cpu():
+def test_torchrun_two_ranks_zero2_on_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(HERE / "_zero2_toy.py"), "30"]
+           "--master_port", str(free_port()), str(HERE / "_zero2_toy.py"), "30", str(tmp_path)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in rows) == [0, 1]
     for r in rows:
         assert r["world"] == 2 and r["backend"] == "gloo" and r["accelerator"] == "cpu"

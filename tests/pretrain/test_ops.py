@@ -139,3 +139,14 @@ def test_compiled_chunked_ce_equals_cross_entropy():
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_rmsnorm_bf16_statistics_in_fp32():
+    x = torch.randn(4, 64) * 30
+    w = torch.linspace(0.5, 1.5, 64)
+    ref = (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w).to(torch.bfloat16)
+    from pretrain.ops import rms_norm
+
+    out = rms_norm(x.to(torch.bfloat16), w.to(torch.bfloat16), 1e-5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
