@@ -69,6 +69,18 @@ def shard_entry(directory: str | os.PathLike, rel_path: str, docs: int) -> dict:
     return {"path": rel_path, "docs": int(docs), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a small text file so that readers see the old file or the whole new one, never a
+    partial one (temp file in the same directory, then rename): how every marker, manifest,
+    report and index of the data pipelines is written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
@@ -83,12 +95,7 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
     missing = [k for k in REQUIRED_KEYS if k not in out]
     if missing:
         raise ValueError(f"manifest for {directory} lacks {', '.join(missing)}")  # a bug, not user input
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / MANIFEST_NAME
-    tmp = directory / f".{MANIFEST_NAME}.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps(out, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, target)
-    return target
+    return write_text_atomic(directory / MANIFEST_NAME, json.dumps(out, indent=2, sort_keys=False) + "\n")
 
 
 def read_manifest(directory: str | os.PathLike, verify: str = "size") -> dict:

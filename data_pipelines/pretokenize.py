@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import IterableDataset
 
+from data_pipelines.manifest import write_text_atomic
 from data_pipelines.packing import make_batch
 from data_pipelines.sources import is_heldout, open_sources
 from pretrain.errors import UserError
@@ -107,9 +108,7 @@ def pretokenize(cfg) -> int:
             os.replace(tmp, out / rel)
             entry["shards"].append({"path": rel, "tokens": n_tokens, "docs": len(keep), "source_shard": str(shard.path)})
             total += n_tokens
-    tmp = out / f".{INDEX_NAME}.tmp"
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(tmp, index_path)
+    write_text_atomic(index_path, json.dumps(index, indent=2) + "\n")
     log.info("pretokenize: %d tokens (%s) in %.1fs -> %s", total, dtype.name, time.perf_counter() - start, out)
     return 0
 
@@ -157,6 +156,32 @@ class _Samples:
         return k
 
 
+def _check_pretokenized_sources(d, index: dict, root: Path) -> list[str]:
+    """The privacy gate for pretokenized data: every source must still be the scrub it was made
+    from (same path and manifest), and an unscrubbed one needs data.require_scrubbed=false (as in
+    streaming mode). Returns the paths of the unscrubbed sources."""
+    configured = {s.name: str(Path(s.path).resolve()) for s in d.sources}
+    unscrubbed = []
+    for s in index["sources"]:
+        if configured[s["name"]] != s["path"]:
+            raise UserError(f"data.sources {s['name']!r} is {configured[s['name']]} but {root} was pretokenized from "
+                            f"{s['path']}; rerun `python -m data_pipelines pretokenize`")
+        if s.get("manifest_sha256"):
+            manifest = Path(s["path"]) / "manifest.json"
+            if not manifest.is_file() or _sha256(manifest) != s["manifest_sha256"]:
+                raise UserError(f"{manifest} changed or is missing since {root} was pretokenized (the scrub was "
+                                "redone); rerun `python -m data_pipelines pretokenize`")
+        elif d.require_scrubbed:
+            raise UserError(f"data.pretokenized_dir ({root}) holds source {s['name']!r} ({s['path']}) pretokenized "
+                            "without a scrub manifest; the loader reads only scrubbed data. Scrub it and rerun "
+                            "pretokenize, or set data.require_scrubbed=false (the run records it).")
+        else:
+            unscrubbed.append(s["path"])
+    if unscrubbed:
+        log.warning("training on unscrubbed pretokenized sources (data.require_scrubbed=false): %s", ", ".join(unscrubbed))
+    return unscrubbed
+
+
 class PretokenizedLoader:
     """Same interface and batch format as the streaming `TrainLoader`, over pretokenized shards."""
 
@@ -181,7 +206,7 @@ class PretokenizedLoader:
         if sorted(weights) != sorted(names):
             raise UserError(f"data.sources names {sorted(weights)} do not match the pretokenized sources {sorted(names)} "
                             f"in {root}; rerun `python -m data_pipelines pretokenize`")
-        self.unscrubbed_sources = [s["path"] for s in self.index["sources"] if not s.get("manifest_sha256")]
+        self.unscrubbed_sources = _check_pretokenized_sources(d, self.index, root)
         self.root, self.rank, self.world, self.trace = root, rank, world, trace
         self.L, self.mb, self.seed = d.seq_len, cfg.train.micro_batch_size, cfg.run.seed
         self.num_workers, self.prefetch = d.num_workers, d.prefetch
@@ -256,21 +281,16 @@ class PretokenizedLoader:
     def _start(self) -> Iterator[tuple]:
         if self.num_workers == 0:
             return self._batches(self.g, self.counts, 0)
-        import torch
-        from torch.utils.data import DataLoader
+        from data_pipelines.stream import worker_iter
 
-        from data_pipelines.stream import _identity
-
-        ds = _PretokWorkers(self, self.g, list(self.counts))
-        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                        prefetch_factor=self.prefetch, pin_memory=torch.cuda.is_available())
-        self._dl_iter = iter(dl)
+        self._dl_iter = worker_iter(_PretokWorkers(self, self.g, list(self.counts)), self.num_workers, self.prefetch)
         return self._dl_iter
 
     def close(self) -> None:
+        from data_pipelines.stream import shutdown_workers
+
         it, self._dl_iter, self._it = self._dl_iter, None, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        shutdown_workers(it)
 
     def __getstate__(self):  # sent to workers without open memmaps or iterators
         st = dict(self.__dict__)

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_pipelines.filters.normalize import repair_utf8
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -140,18 +141,45 @@ def input_info(unit: InputUnit) -> dict:
     return {"input": unit.path, "path": unit.path, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
 
 
+def _corrupt_file_errors() -> tuple[type[BaseException], ...]:
+    import pyarrow
+    import zstandard
+
+    return OSError, EOFError, zstandard.ZstdError, pyarrow.ArrowException
+
+
 def read_unit(unit: InputUnit, cfg) -> Iterator[Record]:
-    """Stream the records of one unit (cfg = the scrub config section)."""
+    """Stream the records of one unit (cfg = the scrub config section).
+
+    A bad *record* is yielded as malformed; a bad *file* (truncated archive, corrupt parquet) cannot
+    be accounted record by record, so it stops the scrub with a UserError naming the file (the
+    unit has no completion marker yet: fix or remove the file and rerun)."""
     if unit.kind == "enwiki":
-        yield from read_enwiki()
+        records = read_enwiki()
     elif unit.kind == "jsonl":
-        yield from _read_jsonl(unit, cfg)
+        records = _read_jsonl(unit, cfg)
     elif unit.kind == "text":
-        yield from _read_text_file(unit, cfg)
+        records = _read_text_file(unit, cfg)
     elif unit.kind in ("parquet", "hf"):
-        yield from _read_rows(unit, cfg)
+        records = _read_rows(unit, cfg)
     else:
         raise UserError(f"scrub.input_format {unit.kind!r} is not supported")
+    n = 0
+    try:
+        for rec in records:
+            # Ids and source names go into parquet, JSON markers and the audit file, which all need
+            # valid UTF-8: an undecodable byte or a lone "\ud800" escape there becomes U+FFFD.
+            # (The text keeps its surrogates: normalize counts them to decide malformed.undecodable.)
+            if not rec.id.isascii():
+                rec.id = repair_utf8(rec.id).text
+            if not rec.source.isascii():
+                rec.source = repair_utf8(rec.source).text
+            yield rec
+            n += 1
+    except _corrupt_file_errors() as e:
+        where = unit.path if unit.kind != "hf" else f"hf:{unit.path} (part {unit.part} of {unit.parts})"
+        raise UserError(f"scrub.inputs: {where} is corrupt or truncated after {n} record(s): "
+                        f"{type(e).__name__}: {e}; fix or remove it and rerun") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,17 +199,49 @@ def _open_hf(name: str, config: str | None, split: str):
         raise UserError(f"scrub.inputs: cannot open hf:{name}: {e}") from None
 
 
-def _decompressed_lines(path: str) -> Iterator[bytes]:
+def decompressed_blocks(path: str, block: int = 1 << 20) -> Iterator[bytes]:
+    """Decompressed bytes of a .gz or .zst file, streamed. A truncated file raises EOFError: gzip
+    checks this itself; zstandard's stream reader would silently stop early, so zstd frames are
+    decoded here and an unfinished last frame is reported."""
     if path.endswith(".gz"):
         with gzip.open(path, "rb") as f:
-            yield from f
-    else:
-        import io
+            while data := f.read(block):
+                yield data
+        return
+    import zstandard
 
-        import zstandard
+    dctx = zstandard.ZstdDecompressor()
+    with open(path, "rb") as raw:
+        dobj, pending = None, b""
+        while True:
+            data = pending or raw.read(block)
+            pending = b""
+            if not data:
+                break
+            if dobj is None:
+                dobj = dctx.decompressobj()
+            out = dobj.decompress(data)
+            if out:
+                yield out
+            if dobj.eof:  # end of a frame: the rest (if any) starts the next one
+                pending, dobj = dobj.unused_data, None
+        if dobj is not None:
+            raise EOFError("zstd stream ended before the end of its frame")
 
-        with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as z:
-            yield from io.BufferedReader(z, buffer_size=1 << 20)
+
+def _decompressed_lines(path: str) -> Iterator[bytes]:
+    parts: list[bytes] = []  # pieces of the current line (a long line is joined once, not per block)
+    for data in decompressed_blocks(path):
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            parts.append(data[start : end + 1])
+            yield b"".join(parts)
+            parts.clear()
+            start = end + 1
+        if start < len(data):
+            parts.append(data[start:])
+    if parts:
+        yield b"".join(parts)
 
 
 def _raw_lines(path: str) -> Iterator[str]:
@@ -195,11 +255,15 @@ def _raw_lines(path: str) -> Iterator[str]:
         yield row["text"].encode("latin-1").decode("utf-8", "surrogateescape")
 
 
+def _record_id(obj: dict, cfg, where: str) -> str:
+    rid = obj.get(cfg.id_field)
+    return where if rid is None else str(rid)
+
+
 def _record_from_obj(obj, where: str, cfg, nbytes: int, source: str) -> Record:
     if not isinstance(obj, dict):
         return Record(where, None, source, {}, "bad_json", nbytes)
-    rid = obj.get(cfg.id_field)
-    rid = where if rid is None else str(rid)
+    rid = _record_id(obj, cfg, where)
     if cfg.text_field not in obj or obj[cfg.text_field] is None:
         return Record(rid, None, source, {}, "missing_text", nbytes)
     text = obj[cfg.text_field]
@@ -233,18 +297,36 @@ def _read_jsonl(unit: InputUnit, cfg) -> Iterator[Record]:
         yield _record_from_obj(obj, where, cfg, len(line), source)
 
 
+def _decompressed_prefix(path: str, limit: int) -> tuple[bytes, int]:
+    """Up to ``limit + 1`` decompressed bytes and the total decompressed size (streamed, so a
+    huge file is measured without ever being held in memory)."""
+    head, total = bytearray(), 0
+    for block in decompressed_blocks(path):
+        total += len(block)
+        if len(head) <= limit:
+            head += block[: limit + 1 - len(head)]
+    return bytes(head), total
+
+
 def _read_text_file(unit: InputUnit, cfg) -> Iterator[Record]:
+    """One document per file. The size cap is checked before the text is loaded: a multi-GB
+    file is counted as ``too_large`` instead of exhausting memory."""
     source = Path(unit.path).name
+    limit = cfg.max_doc_bytes
     if unit.path.endswith(COMPRESSIONS):
-        text = "\n".join(_raw_lines(unit.path))
+        raw, size = _decompressed_prefix(unit.path, limit)
+        text = None if size > limit else raw.decode("utf-8", "surrogateescape")
     else:
-        ds = _hf().load_dataset("text", data_files=[unit.path], split="train", streaming=True,
-                                encoding="latin-1", sample_by="document", keep_linebreaks=True)
-        text = "".join(row["text"] for row in ds).encode("latin-1").decode("utf-8", "surrogateescape")
-    if _too_large(text, cfg.max_doc_bytes):
-        yield Record(source, None, source, {}, "too_large", len(text))
+        size = os.path.getsize(unit.path)
+        text = None
+        if size <= limit:
+            ds = _hf().load_dataset("text", data_files=[unit.path], split="train", streaming=True,
+                                    encoding="latin-1", sample_by="document", keep_linebreaks=True)
+            text = "".join(row["text"] for row in ds).encode("latin-1").decode("utf-8", "surrogateescape")
+    if text is None:
+        yield Record(source, None, source, {}, "too_large", size)
     else:
-        yield Record(source, text, source, {"path": unit.path}, None, len(text))
+        yield Record(source, text, source, {"path": unit.path}, None, size)
 
 
 def _read_rows(unit: InputUnit, cfg) -> Iterator[Record]:
@@ -261,7 +343,7 @@ def _read_rows(unit: InputUnit, cfg) -> Iterator[Record]:
         text = row.get(cfg.text_field)
         size = len(text) if isinstance(text, str) else 0
         if isinstance(text, str) and _too_large(text, cfg.max_doc_bytes):
-            yield Record(str(row.get(cfg.id_field, f"{source}:{i}")), None, source, {}, "too_large", size)
+            yield Record(_record_id(row, cfg, f"{source}:{i}"), None, source, {}, "too_large", size)
             continue
         yield _record_from_obj(row, f"{source}:{i}", cfg, size, source)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from data_pipelines.filters.bias import disparity_rows
+from data_pipelines.manifest import write_text_atomic
 
 FILTER_ORDER = ("malformed", "language", "quality", "dedup", "toxicity")
 
@@ -124,11 +124,8 @@ def to_markdown(r: dict) -> str:
 
 
 def write_report(out: Path, report: dict) -> None:
-    for name, text in (("report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n"),
-                       ("report.md", to_markdown(report))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "report.md", to_markdown(report))
 
 
 def summary_text(r: dict) -> str:

@@ -269,7 +269,7 @@ def phase1_unit(unit: InputUnit, cfg, out_dir: str) -> dict:
             rows["id"].append(rec.id)
             rows["text"].append(text)
             rows["source"].append(rec.source)
-            rows["meta"].append(json.dumps(meta, ensure_ascii=False, default=str))
+            rows["meta"].append(repair_utf8(json.dumps(meta, ensure_ascii=False, default=str)).text)
             rows["groups"].append(mask)
             st.d["candidates"] += 1
             buffered += len(text)
@@ -462,10 +462,7 @@ def phase3_unit(unit: InputUnit, cfg, out_dir: str, flags: np.ndarray) -> dict:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, default=str))
-    os.replace(tmp, path)
+    mf.write_text_atomic(path, json.dumps(obj, ensure_ascii=False, default=str))
 
 
 def _read_json(path: Path) -> dict:
@@ -493,6 +490,19 @@ def _check_run_identity(cfg, out: Path, units: list[InputUnit]) -> str:
     else:
         _write_json_atomic(path, ident)
     return h
+
+
+def _check_input_unchanged(out: Path, unit: InputUnit) -> None:
+    """A resumed unit is skipped only if its input file still has the size phase 1 recorded (a
+    cheap check; the sha256 in the manifest is the full fingerprint): otherwise the output would
+    silently mix two versions of the corpus."""
+    if unit.kind in ("hf", "enwiki"):
+        return
+    recorded = _read_json(_p1_paths(out, unit)[2])["input"].get("bytes")
+    size = Path(unit.path).stat().st_size
+    if recorded is not None and size != recorded:
+        raise UserError(f"scrub.inputs: {unit.path} changed since this scrub read it ({recorded} bytes then, "
+                        f"{size} now); use another scrub.output or delete {out} to scrub it again")
 
 
 def _run_pool(fn, jobs: list[tuple], workers: int) -> list[dict]:
@@ -535,6 +545,9 @@ def run_scrub(cfg) -> int:
 
     if s.stage in ("all", "signatures"):
         todo = [u for u in mine if not _p1_paths(out, u)[2].exists()]
+        for u in mine:
+            if u not in todo:
+                _check_input_unchanged(out, u)
         if len(todo) < len(mine):
             log.info("phase 1: %d unit(s) already done, skipped", len(mine) - len(todo))
         _run_pool(phase1_unit, [(u, cfg, str(out)) for u in todo], s.workers)

@@ -15,7 +15,6 @@ it costs one row-group read, wherever the run is (a resume never scans what came
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
 import json
 import logging
@@ -76,7 +75,7 @@ class Source:
             docs = [int(s["docs"]) for s in self.manifest["shards"]]
         elif require_scrubbed:
             raise UserError(
-                f"{key}.path: {path} has no scrub manifest ({root / MANIFEST_NAME}); the loader reads only "
+                f"{key}: {path} has no scrub manifest ({root / MANIFEST_NAME}); the loader reads only "
                 "scrubbed data. Run `python -m data_pipelines scrub` on it, or set data.require_scrubbed=false "
                 "to train on unscrubbed files (the run records it)."
             )
@@ -89,7 +88,7 @@ class Source:
         for f, n in zip(files, docs, strict=True):
             fmt = _fmt(f)
             if fmt is None:
-                raise UserError(f"{key}.path: cannot read {f} (supported: {', '.join(FILE_SUFFIXES)})")
+                raise UserError(f"{key}: cannot read {f} (supported: {', '.join(FILE_SUFFIXES)})")
             rows = _count_rows(f, fmt) if n is None else n  # scrubbed: the manifest's count, no file opened
             if rows:
                 self.shards.append(Shard(f, rows, fmt))
@@ -99,7 +98,7 @@ class Source:
             for a in range(0, s.rows, chunk_docs)
         ]
         if not self.chunks:
-            raise UserError(f"{key}.path: {path} holds no documents")
+            raise UserError(f"{key}: {path} holds no documents")
         self.reader = ShardReader(self.shards, text_field)
 
     @property
@@ -125,7 +124,7 @@ def _glob_files(path: str, key: str) -> list[Path]:
     else:
         files = [Path(f) for f in sorted(glob.glob(path, recursive=True)) if Path(f).is_file()]
     if not files:
-        raise UserError(f"{key}.path: no data files found at {path} (supported: {', '.join(FILE_SUFFIXES)})")
+        raise UserError(f"{key}: no data files found at {path} (supported: {', '.join(FILE_SUFFIXES)})")
     return [f.resolve() for f in files]
 
 
@@ -138,14 +137,15 @@ def _count_rows(path: Path, fmt: str) -> int:
 
 
 def _jsonl_lines(path: Path, fmt: str) -> list[bytes]:
-    if fmt == "jsonl.zst":
+    if fmt in ("jsonl.zst", "jsonl.gz"):
         import zstandard
 
-        with open(path, "rb") as f:
-            data = zstandard.ZstdDecompressor().stream_reader(f).read()
-    elif fmt == "jsonl.gz":
-        with gzip.open(path, "rb") as f:
-            data = f.read()
+        from data_pipelines.readers import decompressed_blocks
+
+        try:  # one decompressor for the whole package; it reports truncated files
+            data = b"".join(decompressed_blocks(str(path)))
+        except (OSError, EOFError, zstandard.ZstdError) as e:
+            raise UserError(f"{path} is corrupt or truncated: {e}") from None
     else:
         data = Path(path).read_bytes()
     return [line for line in data.split(b"\n") if line.strip()]
@@ -237,6 +237,6 @@ class ShardReader:
 def open_sources(source_cfgs: list, key: str, require_scrubbed: bool, chunk_docs: int) -> list[Source]:
     """Open every configured source (the privacy gate runs here, before any worker starts)."""
     return [
-        Source(s.name, s.path, s.weight, s.text_field, f"{key}[{i}]", require_scrubbed, chunk_docs)
+        Source(s.name, s.path, s.weight, s.text_field, f"{key}[{i}].path", require_scrubbed, chunk_docs)
         for i, s in enumerate(source_cfgs)
     ]

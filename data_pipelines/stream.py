@@ -111,6 +111,22 @@ def initial_stream_state(stream: int, streams: int, n_sources: int) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+def check_enough_chunks(source: Source, streams: int) -> None:
+    """Every stream must get at least one chunk of every source per epoch (else it would have no
+    data of that source and its epochs would never advance): an error that says what would work."""
+    if len(source.chunks) >= streams:
+        return
+    rows = source.rows
+    if rows >= streams:  # sum(ceil(rows_i / c)) >= rows / c >= streams for c <= rows // streams
+        fix = f"set data.chunk_docs <= {rows // streams} or lower data.num_workers"
+    else:
+        fix = "use fewer ranks or data.num_workers, or leave this source out"
+    raise UserError(
+        f"{source.key} ({source.path}) has {len(source.chunks)} chunks of data.chunk_docs documents ({rows} documents), "
+        f"fewer than the {streams} loader streams (ranks x max(1, data.num_workers)); {fix}"
+    )
+
+
 class DocStream:
     """The documents of one stream (mixing + per-source cursors), resumable from a stream state.
 
@@ -129,12 +145,7 @@ class DocStream:
         self._mix_block: tuple[int, np.ndarray] | None = None
         self._chunk_cache: dict[int, tuple[tuple, list, list, np.ndarray]] = {}
         for s in sources:
-            if len(s.chunks) < self.streams:
-                raise UserError(
-                    f"{s.key} ({s.path}) has {len(s.chunks)} chunks of data.chunk_docs documents, fewer than the "
-                    f"{self.streams} loader streams (ranks x max(1, data.num_workers)); lower data.chunk_docs or "
-                    "data.num_workers"
-                )
+            check_enough_chunks(s, self.streams)
 
     def dealer(self, src: int):
         n = len(self.sources[src].chunks)
@@ -259,6 +270,22 @@ def _identity(x):
     return x
 
 
+def worker_iter(dataset: IterableDataset, num_workers: int, prefetch: int) -> Iterator:
+    """Iterator over `dataset` run in `num_workers` DataLoader processes (items passed through as is)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    dl = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
+                    prefetch_factor=prefetch, pin_memory=torch.cuda.is_available())
+    return iter(dl)
+
+
+def shutdown_workers(it: Iterator | None) -> None:
+    """Stop the worker processes of a `worker_iter` iterator now (not at garbage collection)."""
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+
+
 class _WorkerStreams(IterableDataset):
     """IterableDataset: DataLoader worker `slot` runs local stream (slot + rotation) % W."""
 
@@ -311,20 +338,14 @@ class TrainLoader:
     def _start(self) -> Iterator[tuple]:
         if self.num_workers == 0:
             return ((_to_torch(b), 0, s) for b, s in self.spec.batches(self.streams[0]))
-        import torch
-        from torch.utils.data import DataLoader
-
         ds = _WorkerStreams(self.spec, [dict(s) for s in self.streams], self.next_local)
-        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                        prefetch_factor=self.prefetch, pin_memory=torch.cuda.is_available())
-        self._dl_iter = iter(dl)
+        self._dl_iter = worker_iter(ds, self.num_workers, self.prefetch)
         return self._dl_iter
 
     def close(self) -> None:
         """Stop worker processes (they restart on the next `next()`)."""
         it, self._dl_iter, self._it = self._dl_iter, None, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        shutdown_workers(it)
 
     # -- state ----------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:

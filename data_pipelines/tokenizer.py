@@ -69,6 +69,7 @@ def build_bpe(vocab_size: int, min_frequency: int, specials: list[str]):
 
 def train_tokenizer(cfg) -> int:
     """`python -m data_pipelines train-tokenizer`: BPE on `tokenizer.input`, written to `tokenizer.output`."""
+    from data_pipelines.manifest import write_text_atomic
     from data_pipelines.sources import Source
 
     t = cfg.tokenizer
@@ -87,7 +88,7 @@ def train_tokenizer(cfg) -> int:
     tok.save(str(tmp))
     os.replace(tmp, target)
     # For Hugging Face interop (export, AutoTokenizer): which token ends a document.
-    (out / "tokenizer_config.json").write_text(json.dumps({
+    write_text_atomic(out / "tokenizer_config.json", json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": specials[0],
         "bos_token": specials[0],

@@ -112,3 +112,38 @@ def test_wrong_tokenizer_or_missing_index_is_a_user_error(corpus, pretok, tmp_pa
     cfg = make_cfg(corpus, f"data.pretokenized_dir={tmp_path / 'none'}", "data.mode=pretokenized")
     with pytest.raises(UserError, match="pretokenize` first"):
         build_train_loader(cfg, 0, 1)
+
+
+def test_privacy_gate_holds_in_pretokenized_mode(corpus, tmp_path, caplog):
+    """Unscrubbed data pretokenized with require_scrubbed=false must not slip into a default run,
+    and a source re-scrubbed after pretokenizing must not be trained on stale tokens."""
+    import shutil
+
+    raw = tmp_path / "raw"
+    shutil.copytree(corpus["root"] / "a", raw)
+    (raw / "manifest.json").unlink()
+    out = tmp_path / "pretok"
+
+    def cfg(*extra):
+        return make_cfg(corpus, f"data.sources=[{{name: a, path: {raw}}}]", f"data.pretokenized_dir={out}",
+                        "data.mode=pretokenized", *extra)
+
+    assert pretokenize(cfg("data.require_scrubbed=false")) == 0
+    with pytest.raises(UserError, match=f"source 'a' \\({raw}\\) pretokenized without a scrub manifest"):
+        build_train_loader(cfg(), 0, 1)
+    with caplog.at_level("WARNING"):
+        loader = build_train_loader(cfg("data.require_scrubbed=false"), 0, 1)
+    assert loader.unscrubbed_sources == [str(raw)] and "unscrubbed pretokenized" in caplog.text
+
+    scrubbed = tmp_path / "scrubbed"
+    shutil.copytree(corpus["root"] / "a", scrubbed)
+    good = make_cfg(corpus, f"data.sources=[{{name: a, path: {scrubbed}}}]", f"data.pretokenized_dir={tmp_path / 'p2'}",
+                    "data.mode=pretokenized")
+    assert pretokenize(good) == 0 and build_train_loader(good, 0, 1).unscrubbed_sources == []
+    m = json.loads((scrubbed / "manifest.json").read_text())
+    (scrubbed / "manifest.json").write_text(json.dumps({**m, "config_hash": "redone"}))
+    with pytest.raises(UserError, match="changed or is missing since"):
+        build_train_loader(good, 0, 1)
+    with pytest.raises(UserError, match=f"is {raw} but .* was pretokenized from {scrubbed}"):
+        build_train_loader(make_cfg(corpus, f"data.sources=[{{name: a, path: {raw}}}]", "data.mode=pretokenized",
+                                    f"data.pretokenized_dir={tmp_path / 'p2'}", "data.require_scrubbed=false"), 0, 1)

@@ -132,3 +132,45 @@ def test_wiki_markup_stripped():
     assert "'''" not in text and "''" not in text and "==" not in text and "( )" not in text
     assert "Bold and italic text" in text and "\nHistory\n" in text and "words" in text
     assert "\n\n\n" not in text
+
+
+def test_text_file_over_the_cap_is_counted_without_being_loaded(tmp_path, monkeypatch):
+    body = ("word " * 100).encode()  # 500 bytes
+    (tmp_path / "big.txt").write_bytes(body)
+    (tmp_path / "big.txt.gz").write_bytes(gzip.compress(body))
+    (tmp_path / "big.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(body))
+    (tmp_path / "ok.txt.gz").write_bytes(gzip.compress(b"line one\r\nline two\n\xff end\n"))
+    import data_pipelines.readers as readers
+
+    def no_hf():
+        raise AssertionError("an oversized plain text file must not be opened")
+
+    monkeypatch.setattr(readers, "_hf", no_hf)
+    recs = records(cfg([tmp_path / n for n in ("big.txt", "big.txt.gz", "big.txt.zst", "ok.txt.gz")], max_doc_bytes=499))
+    assert [(r.error, r.nbytes) for r in recs[:3]] == [("too_large", 500)] * 3
+    # compressed and plain text files give the same text (line breaks and bad bytes kept for normalize)
+    assert recs[3].error is None and recs[3].text == "line one\r\nline two\n\udcff end\n"
+    assert [r.error for r in records(cfg([tmp_path / "big.txt.gz"], max_doc_bytes=500))] == [None]
+
+
+def test_corrupt_or_truncated_file_is_a_user_error_naming_it(tmp_path):
+    rows = b"".join(json.dumps({"id": i, "text": "hello world " * 50}).encode() + b"\n" for i in range(2000))
+    gz = gzip.compress(rows)
+    (tmp_path / "cut.jsonl.gz").write_bytes(gz[: len(gz) // 2])  # an interrupted download
+    zst = zstandard.ZstdCompressor().compress(rows)
+    (tmp_path / "cut.jsonl.zst").write_bytes(zst[: len(zst) // 2])
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really parquet")
+    for name in ("cut.jsonl.gz", "cut.jsonl.zst", "bad.parquet"):
+        with pytest.raises(UserError, match=rf"{tmp_path / name} is corrupt or truncated after \d+ record"):
+            records(cfg([tmp_path / name]))
+    # an intact file of two zstd frames (as `cat a.zst b.zst` makes) is read to the end
+    half = rows.index(b"\n", len(rows) // 2) + 1
+    c = zstandard.ZstdCompressor()
+    (tmp_path / "two.jsonl.zst").write_bytes(c.compress(rows[:half]) + c.compress(rows[half:]))
+    assert [r.id for r in records(cfg([tmp_path / "two.jsonl.zst"]))] == [str(i) for i in range(2000)]
+
+
+def test_oversized_parquet_row_without_id_is_named_by_position(tmp_path):
+    pq.write_table(pa.table({"id": ["a", None], "text": ["x" * 300, "y" * 300]}), tmp_path / "t.parquet")
+    recs = records(cfg([tmp_path / "t.parquet"], max_doc_bytes=200))
+    assert [(r.id, r.error) for r in recs] == [("a", "too_large"), ("t.parquet:1", "too_large")]  # not "None"

@@ -229,3 +229,59 @@ def test_toxicity_mask_action(tmp_path):
     assert "fuck" not in docs["mixed"]
     assert prose(7).split(". ")[0] in docs["mixed"] and prose(8).split(". ")[-1] in docs["mixed"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["toxicity_masked_docs"] >= 1
+
+
+def test_every_malformed_reason_counted_and_zero_kept_is_a_finished_scrub(tmp_path):
+    """Each malformed kind has its own reason; a scrub that keeps nothing still writes a manifest
+    (no shards) that downstream steps refuse by name instead of crashing."""
+    from data_pipelines.sources import Source
+
+    d = tmp_path / "in"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", [
+        b'{"id": "bad", "text": ',  # bad_json
+        {"id": "nt"},  # missing_text
+        {"id": "num", "text": 42},  # non_string_text
+        {"id": "big", "text": "x" * 3000},  # too_large (max_doc_bytes=2000)
+        b'{"id": "bin", "text": "\xff\xfe\xfd\xfc\xfb\xfa"}',  # undecodable
+        {"id": "ws", "text": " \t\n"},  # empty_text
+        {"id": "uni", "text": "Grüße aus Köln, wo das Wetter heute schön ist. " * 8},  # language (de)
+    ])
+    (d / "huge.txt").write_text("word " * 1000)  # a one-document text file over the cap
+    assert run_scrub(config(tmp_path, "out", "scrub.max_doc_bytes=2000")) == 0
+    m = read_manifest(tmp_path / "out")
+    assert m["documents"] == {"read": 8, "kept": 0, "dropped": 8} and m["shards"] == []
+    assert m["dropped_by_reason"] == {"language": 1, "malformed.bad_json": 1, "malformed.empty_text": 1,
+                                      "malformed.missing_text": 1, "malformed.non_string_text": 1,
+                                      "malformed.too_large": 2, "malformed.undecodable": 1}
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["accounting"]["holds"] and report["dropped_by_filter"]["malformed"] == 7
+    with pytest.raises(UserError, match=f"{tmp_path / 'out'} holds no documents"):
+        Source("s", str(tmp_path / "out"), 1.0, "text", "data.sources[0]", True, 16)
+
+
+def test_resume_refuses_an_input_changed_since_it_was_read(tmp_path):
+    a, _ = make_corpus(tmp_path)
+    assert run_scrub(config(tmp_path, "out", "scrub.stage=signatures")) == 0
+    with open(a, "ab") as f:
+        f.write(json.dumps({"id": "late", "text": prose(55)}).encode() + b"\n")
+    with pytest.raises(UserError, match=f"{a} changed since this scrub read it"):
+        run_scrub(config(tmp_path, "out"))
+
+
+def test_invalid_unicode_in_ids_and_metadata_is_repaired_not_fatal(tmp_path):
+    """A lone surrogate escape (valid JSON) or an undecodable byte outside the text field must not
+    crash the parquet writer, the markers or the audit file."""
+    d = tmp_path / "in"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", [
+        b'{"id": "s\\ud800", "text": "%s", "title": "t\\udcff"}' % prose(1).replace("\n", "\\n").encode(),
+        b'{"id": "raw\xff", "text": "%s", "title": "caf\xe9"}' % prose(2).replace("\n", "\\n").encode(),
+        b'{"id": "bad\xfe", "text": 7}',  # malformed, goes to the audit sample with its id
+    ])
+    assert run_scrub(config(tmp_path, "out", "scrub.language.enabled=false")) == 0
+    rows = [r for f in shard_files(tmp_path / "out") for r in pq.read_table(f).to_pylist()]
+    assert [r["id"] for r in rows] == ["s\ufffd", "raw\ufffd"]
+    assert [json.loads(r["meta"])["title"] for r in rows] == ["t\ufffd", "caf\ufffd"]
+    audit = [json.loads(x) for x in (tmp_path / "out" / "audit" / "dropped.jsonl").read_text().splitlines()]
+    assert [(a["id"], a["reason"]) for a in audit] == [("bad\ufffd", "malformed.non_string_text")]

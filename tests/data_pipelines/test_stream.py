@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -157,8 +158,12 @@ def test_privacy_gate_exit_status_2_at_the_cli(corpus, tmp_path):
 
 def test_too_few_chunks_for_the_streams_is_a_user_error(corpus):
     cfg = make_cfg(corpus, "data.chunk_docs=40", "data.num_workers=2")  # 2 chunks, 2 ranks x 2 workers
-    with pytest.raises(UserError, match="has 2 chunks.*fewer than the 4 loader streams"):
+    with pytest.raises(UserError, match="has 2 chunks.*fewer than the 4 loader streams") as e:
         build_train_loader(cfg, 0, 2)
+    suggested = re.search(r"data.chunk_docs <= (\d+)", str(e.value)).group(1)  # the advice works
+    build_train_loader(make_cfg(corpus, f"data.chunk_docs={suggested}", "data.num_workers=2"), 0, 2)
+    with pytest.raises(UserError, match=r"\(60 documents\), fewer than the 400 loader streams.*; use fewer ranks"):
+        build_train_loader(make_cfg(corpus, "data.chunk_docs=1", "data.num_workers=2"), 0, 200)
     assert next(build_train_loader(make_cfg(corpus, "data.chunk_docs=40"), 1, 2))["input_ids"].shape == (MB, SEQ)
 
 
@@ -212,3 +217,15 @@ def test_real_corpus_epoch_decodes_back_to_every_training_document(scrubbed_corp
         assert [s for s, _ in parts] == list(np.cumsum([0] + [len(p) for _, p in parts[:-1]]))
         assert tokens[-1] == 0 and 0 not in tokens[:-1]
         assert tok.decode(tokens[:-1], skip_special_tokens=False) == texts[doc_id]
+
+
+def test_truncated_unscrubbed_jsonl_source_is_a_user_error(corpus, tmp_path):
+    import zstandard
+
+    rows = b"".join(b'{"id": "%d", "text": "%s"}\n' % (i, b"word " * 40) for i in range(500))
+    data = zstandard.ZstdCompressor().compress(rows)
+    (tmp_path / "cut.jsonl.zst").write_bytes(data[: len(data) // 2])  # zstandard's reader would stop silently
+    cfg = make_cfg(corpus, f"data.sources=[{{name: raw, path: {tmp_path / 'cut.jsonl.zst'}}}]",
+                   "data.require_scrubbed=false")
+    with pytest.raises(UserError, match="cut.jsonl.zst is corrupt or truncated"):
+        build_train_loader(cfg, 0, 1)

@@ -88,7 +88,7 @@ def test_refuses_unscrubbed_input_unless_allowed(tmp_path):
     raw.mkdir()
     (raw / "a.jsonl").write_text("".join(json.dumps({"text": _text(i)}) + "\n" for i in range(30)))
     cfg = load_config(None, [f"tokenizer.input={raw}", f"tokenizer.output={tmp_path / 'o'}", "tokenizer.vocab_size=300"])
-    with pytest.raises(UserError, match=rf"tokenizer.input.path: {raw} has no scrub manifest"):
+    with pytest.raises(UserError, match=rf"tokenizer.input: {raw} has no scrub manifest"):
         train_tokenizer(cfg)
     cfg.data.require_scrubbed = False
     assert train_tokenizer(cfg) == 0 and (tmp_path / "o" / "tokenizer.json").is_file()
