@@ -276,8 +276,22 @@ def worker_iter(dataset: IterableDataset, num_workers: int, prefetch: int) -> It
     from torch.utils.data import DataLoader
 
     dl = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
-                    prefetch_factor=prefetch, pin_memory=torch.cuda.is_available())
+                    prefetch_factor=prefetch, pin_memory=torch.cuda.is_available(),
+                    worker_init_fn=_ignore_stop_signals)
     return iter(dl)
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the trainer.
+
+    A preemption signal reaches the whole process group (SLURM, `pkill -f`); if it killed the
+    workers, the trainer would die on a broken loader before it could finish its step and save.
+    Workers still exit with the trainer: torch's watchdog stops them when their parent is gone.
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def shutdown_workers(it: Iterator | None) -> None:

@@ -22,6 +22,9 @@ deletes it. Loading verifies every sha256 in the marker before DeepSpeed (which 
 byte, so a truncated, foreign or tampered checkpoint is refused with the name of the file.
 
 Our own metadata is JSON; where our code calls ``torch.load`` it passes ``weights_only=True``.
+DeepSpeed's loaders unpickle without that restriction, so every torch file first passes a
+``weights_only=True`` load (see :func:`_check_pickles`): a forged checkpoint whose marker matches
+its files still cannot run code.
 """
 
 from __future__ import annotations
@@ -113,24 +116,40 @@ def _fsync_dir(path: Path) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON so readers see the old file or the whole new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _write_text_atomic(Path(path), json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def _point_latest(ckpt_dir: Path, name: str) -> None:
+    """Move the ``latest`` pointer; a hint for people and scripts, resume goes by the markers.
+
+    Some network and FUSE filesystems refuse to rename over an existing file: then the pointer is
+    removed and written again, and if even that fails the save still counts (its marker is there).
+    """
+    path = ckpt_dir / LATEST
+    try:
+        _write_text_atomic(path, name + "\n")
+        return
+    except OSError as e:
+        log.warning("could not replace %s atomically (%s); rewriting it", path, e)
+    try:
+        path.unlink(missing_ok=True)
+        _write_text_atomic(path, name + "\n")
+    except OSError as e:
+        log.warning("could not update %s (%s); resume finds %s by its marker anyway", path, e, name)
 
 
 def sha256_file(path: str | os.PathLike, fsync: bool = False) -> str:
@@ -212,6 +231,45 @@ def _check_hashes(step_dir: Path, files: dict, names: list[str]) -> list[str]:
     return problems
 
 
+# The few DeepSpeed types its optimizer shards pickle besides tensors and containers.
+_DEEPSPEED_PICKLED = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                      "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _deepspeed_pickled_types() -> list:
+    import importlib
+
+    from pretrain.dist import select_accelerator
+
+    select_accelerator()  # before the first deepspeed import
+    return [getattr(importlib.import_module(mod), name) for mod, name in (q.rsplit(".", 1) for q in _DEEPSPEED_PICKLED)]
+
+
+def _check_pickles(step_dir: Path, names: list[str]) -> list[str]:
+    """Every torch file in ``names`` must load with ``weights_only=True`` (tensors, containers and
+    the DeepSpeed types above, nothing callable).
+
+    DeepSpeed's loaders unpickle with ``weights_only=False``, and a forged checkpoint can carry a
+    marker whose hashes match it; this restricted pass over the same bytes is what stops it before
+    they run. ``mmap=True``: only the pickle is parsed, tensor data stays on disk.
+    """
+    import torch
+
+    problems = []
+    for rel in (r for r in names if r.endswith(".pt")):
+        path = step_dir / rel
+        try:
+            found = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))  # scans, runs nothing
+            if found - set(_DEEPSPEED_PICKLED):
+                raise ValueError(f"it references {', '.join(sorted(found - set(_DEEPSPEED_PICKLED)))}")
+            with torch.serialization.safe_globals(_deepspeed_pickled_types() if found else []):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any failure means: do not hand it to DeepSpeed
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            problems.append(f"{path}: refused, it holds more than tensors ({why[:300]})")
+    return problems
+
+
 def is_complete(step_dir: str | os.PathLike) -> bool:
     """Cheap check (marker valid, every file present with the right size); no hashing."""
     try:
@@ -225,7 +283,9 @@ def verify_checkpoint(step_dir: str | os.PathLike) -> dict:
     """Full check: marker, sizes and every sha256. Returns the marker; raises CheckpointError."""
     step_dir = Path(step_dir)
     marker = read_marker(step_dir)
-    problems = _check_sizes(step_dir, marker["files"]) or _check_hashes(step_dir, marker["files"], sorted(marker["files"]))
+    names = sorted(marker["files"])
+    problems = (_check_sizes(step_dir, marker["files"]) or _check_hashes(step_dir, marker["files"], names)
+                or _check_pickles(step_dir, names))
     if problems:
         raise CheckpointError(f"checkpoint {step_dir} failed verification:\n  " + "\n  ".join(problems))
     return marker
@@ -280,6 +340,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     )
 
 
+def _delete_checkpoint(step_dir: Path) -> None:
+    """Marker first: a crash mid-delete leaves a directory that is visibly not a checkpoint."""
+    try:
+        (step_dir / MARKER).unlink(missing_ok=True)
+    except OSError:
+        pass
+    shutil.rmtree(step_dir, ignore_errors=True)
+
+
 def prune(ckpt_dir: str | os.PathLike, keep_last: int, keep_every: int = 0) -> list[Path]:
     """Delete incomplete leftovers and old complete checkpoints; never the newest complete one.
 
@@ -292,17 +361,9 @@ def prune(ckpt_dir: str | os.PathLike, keep_last: int, keep_every: int = 0) -> l
     keep = {p for _, p in complete[-max(1, keep_last):]}
     if keep_every > 0:
         keep |= {p for s, p in complete if s % keep_every == 0}
-    removed = []
-    for _, p in entries:
-        if p in keep:
-            continue
-        # Marker first: a crash mid-delete leaves a directory that is visibly not a checkpoint.
-        try:
-            (p / MARKER).unlink(missing_ok=True)
-        except OSError:
-            pass
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
+    removed = [p for _, p in entries if p not in keep]
+    for p in removed:
+        _delete_checkpoint(p)
     if removed:
         log.info("pruned %d checkpoint(s): %s", len(removed), ", ".join(p.name for p in removed))
     return removed
@@ -450,7 +511,8 @@ class Checkpointer:
         self.dir = Path(cfg.checkpoint.dir)
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
-        # (states of every saved rank, new world size) -> one state per new rank; the loader's.
+        # (states of every saved rank, new world size, data.num_workers) -> one state per new
+        # rank; data_pipelines.stream.reshard_states unless a test replaces it.
         self.reshard: Any = None
 
     # ---- when ---------------------------------------------------------------------------
@@ -483,17 +545,22 @@ class Checkpointer:
         step_dir = self.dir / step_dir_name(state.step)
         t0 = time.monotonic()
 
-        # A complete checkpoint of this step already exists (e.g. save-on-exit right after a
-        # periodic save): keep it, do not rewrite it.
-        if _broadcast_obj(is_complete(step_dir) if rank == 0 else None):
-            self._last_saved_step, self._last_save_time = state.step, time.monotonic()
+        # This run already saved (or resumed from) this step, e.g. save-on-exit right after a
+        # periodic save: keep it. Anything else there (an interrupted save) is replaced.
+        if state.step == self._last_saved_step and _broadcast_obj(is_complete(step_dir) if rank == 0 else None):
+            self._last_save_time = time.monotonic()
             return str(step_dir)
+        err = None
         if rank == 0:
-            if step_dir.exists():  # leftover of an interrupted save of the same step
-                (step_dir / MARKER).unlink(missing_ok=True)
-                shutil.rmtree(step_dir)
-            step_dir.mkdir(parents=True)
-        _barrier()
+            try:
+                if step_dir.exists():
+                    _delete_checkpoint(step_dir)
+                step_dir.mkdir(parents=True)
+            except OSError as e:
+                err = f"cannot create checkpoint directory {step_dir} (checkpoint.dir): {e}"
+        err = _broadcast_obj(err)  # every rank raises; none is left waiting for rank 0
+        if err:
+            raise CheckpointError(err)
 
         # 1. Engine shards (DeepSpeed: model, ZeRO partitions of every rank, LR schedule).
         self.engine.save_checkpoint(str(step_dir), tag=ENGINE_TAG, client_state={"step": state.step}, save_latest=False)
@@ -542,7 +609,7 @@ class Checkpointer:
                 },
             )
             _maybe_fault("after_marker", state.step)
-            _write_text_atomic(self.dir / LATEST, step_dir.name + "\n")
+            _point_latest(self.dir, step_dir.name)
             prune(self.dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
             log.info("saved checkpoint %s (%.1fs)", step_dir, time.monotonic() - t0)
         _barrier()
@@ -599,13 +666,13 @@ class Checkpointer:
         decision = _broadcast_obj(decision)
         if "error" in decision:
             raise CheckpointError(decision["error"])
-        if decision.get("wipe"):
+        if decision.get("delete_after") is not None:  # checkpoint.overwrite=true
             if rank == 0:
-                for _, p in list_checkpoints(self.dir):
-                    (p / MARKER).unlink(missing_ok=True)
-                    shutil.rmtree(p, ignore_errors=True)
+                doomed = [p for s, p in list_checkpoints(self.dir) if s > decision["delete_after"]]
+                for p in doomed:
+                    _delete_checkpoint(p)
                 (self.dir / LATEST).unlink(missing_ok=True)
-                log.warning("checkpoint.overwrite=true: deleted the existing checkpoints in %s", self.dir)
+                log.warning("checkpoint.overwrite=true: deleted %s in %s", ", ".join(p.name for p in doomed), self.dir)
             _barrier()
         path = decision.get("path")
         if path is None:
@@ -616,14 +683,19 @@ class Checkpointer:
 
     def _decide(self, mode: str, overwrite: bool) -> dict:
         if mode == "never":
-            existing = [p for _, p in list_checkpoints(self.dir)]
-            if existing and not overwrite:
+            from pretrain.monitor import METRICS_FILE
+
+            existing = [p.name for _, p in list_checkpoints(self.dir)]
+            metrics = Path(self.cfg.run.dir) / METRICS_FILE
+            if (existing or metrics.is_file()) and not overwrite:
+                what = f"{self.dir} already holds checkpoints ({existing[-1]} is the newest)" if existing else \
+                    f"run.dir already holds a run ({metrics})"
                 return {
-                    "error": f"checkpoint.resume=never but {self.dir} already holds checkpoints "
-                    f"({existing[-1].name} is the newest): set checkpoint.resume=auto to continue that run, "
-                    "checkpoint.overwrite=true to delete them and start over, or choose another run.dir"
+                    "error": f"checkpoint.resume=never but {what}: set checkpoint.resume=auto to continue that run, "
+                    "checkpoint.overwrite=true to start over (deleting its checkpoints and metrics), or choose "
+                    "another run.dir"
                 }
-            return {"path": None, "wipe": bool(existing)}
+            return {"path": None, "delete_after": -1 if existing else None}
         if mode == "auto":
             latest = find_latest_complete(self.dir)
             skipped = [p.name for s, p in list_checkpoints(self.dir) if latest is None or s > int(latest.name[5:])]
@@ -635,9 +707,21 @@ class Checkpointer:
                             pointer, pointer.read_text().strip(), latest.name)
             return {"path": str(latest) if latest else None}
         try:
-            return {"path": str(resolve_checkpoint(mode))}
+            path = resolve_checkpoint(mode)
         except CheckpointError as e:
             return {"error": f"checkpoint.resume={mode}: {e}"}
+        # Checkpoints in our directory past the one we branch from belong to an abandoned future:
+        # left there, a later resume=auto (a requeue) would continue from them, and this run's
+        # save of the same step would be mistaken for them.
+        step = int(read_marker(path).get("step", -1))
+        newer = [q for s, q in list_checkpoints(self.dir) if s > step and q.resolve() != path.resolve() and is_complete(q)]
+        if newer and not overwrite:
+            return {
+                "error": f"checkpoint.resume={mode} starts from step {step}, but checkpoint.dir {self.dir} holds later "
+                f"checkpoints ({', '.join(q.name for q in newer)}): set checkpoint.resume=auto to continue from the "
+                "newest, checkpoint.overwrite=true to delete the later ones and branch, or choose another checkpoint.dir"
+            }
+        return {"path": str(path), "delete_after": step if newer else None}
 
     def _verify_distributed(self, step_dir: Path) -> dict:
         """Every rank hashes a share of the files; any problem anywhere stops every rank."""
@@ -646,7 +730,8 @@ class Checkpointer:
             marker = read_marker(step_dir)
             problems = _check_sizes(step_dir, marker["files"])
             if not problems:
-                problems = _check_hashes(step_dir, marker["files"], sorted(marker["files"])[rank::world])
+                mine = sorted(marker["files"])[rank::world]
+                problems = _check_hashes(step_dir, marker["files"], mine) or _check_pickles(step_dir, mine)
         except CheckpointError as e:
             marker, problems = {}, [str(e)]
         all_problems = [p for part in _all_gather_obj(problems) for p in part]
@@ -692,19 +777,23 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {step_dir} has {len(rank_files)} rank_*.json files for world size {saved_world}")
         per_rank = [json.loads(p.read_text()) for p in rank_files]
         state = TrainState.from_dict(per_rank[0]["train_state"])
-        if saved_world == world:
-            loader_state = per_rank[rank]["loader"]
-            set_rng_state(per_rank[rank]["rng"])
+        states = [r["loader"] for r in per_rank]
+        # Loader streams per rank: data.num_workers may change on resume as well as the world size.
+        saved_workers = states[0].get("workers") if isinstance(states[0], dict) else None
+        workers = max(1, self.cfg.data.num_workers)
+        if saved_world == world and saved_workers in (None, workers):
+            loader_state = states[rank]
         else:
             reshard_states = self.reshard
             if reshard_states is None:
                 from data_pipelines.stream import reshard_states
-            states = [r["loader"] for r in per_rank]
-            loader_state = reshard_states(states, world)[rank] if all(s is not None for s in states) else None
-            # Bitwise continuation is impossible across world sizes anyway (other batch split);
-            # keep the RNG streams deterministic by taking the saved rank r mod saved_world.
-            set_rng_state(per_rank[rank % saved_world]["rng"])
-            log.info("elastic resume: %d -> %d data-parallel ranks (loader state resharded)", saved_world, world)
+            resharded = all(s is not None for s in states)
+            loader_state = reshard_states(states, world, self.cfg.data.num_workers)[rank] if resharded else None
+            log.info("elastic resume: %d -> %d data-parallel ranks, %s -> %d loader streams per rank (loader state "
+                     "resharded)", saved_world, world, saved_workers, workers)
+        # Bitwise continuation is impossible across world sizes anyway (other batch split); keep
+        # the RNG streams deterministic by taking the saved rank r mod saved_world.
+        set_rng_state(per_rank[rank % saved_world]["rng"])
         log.info("resumed from %s (step %d, %d tokens seen) in %.1fs", step_dir, state.step, state.tokens_seen,
                  time.monotonic() - t0)
         self._last_saved_step = state.step
@@ -731,7 +820,9 @@ class Checkpointer:
         if self.info.rank == 0 and umarker.is_file():
             try:  # converted by an earlier elastic resume: reuse it only if it is intact
                 m = read_marker(udir)
-                bad = _check_sizes(udir, m["files"]) or _check_hashes(udir, m["files"], sorted(m["files"]))
+                names = sorted(m["files"])
+                bad = (_check_sizes(udir, m["files"]) or _check_hashes(udir, m["files"], names)
+                       or _check_pickles(udir, names))
             except CheckpointError as e:
                 bad = [str(e)]
             if bad:

@@ -232,7 +232,7 @@ class TrainConfig:
     global_batch_size: int | None = fld(None, "If set, must equal micro_batch_size * grad_accum_steps * data-parallel size.", ge=1)
     max_steps: int = fld(1000, "Stop after this many optimizer steps.", ge=0)
     max_tokens: int | None = fld(None, "Stop once this many tokens were trained on.", ge=1)
-    max_time_s: float | None = fld(None, "Stop (and save) after this wall-clock budget in seconds.", gt=0)
+    max_time_s: float | None = fld(None, "Stop (and save) after this wall-clock budget in seconds, counted from the start of the command (set-up and resume included).", gt=0)
     precision: str = fld("bf16", "Training precision.", choices=("bf16", "fp16", "fp32"))
     grad_clip: float = fld(1.0, "Clip the global gradient norm to this (0 = off).", ge=0)
     eval_every: int = fld(200, "Validation every this many steps (0 = never).", ge=0)
@@ -280,7 +280,7 @@ class CheckpointConfig:
     keep_last: int = fld(3, "Keep the newest N complete checkpoints.", ge=1)
     keep_every: int = fld(0, "Also keep every checkpoint whose step is a multiple of this (0 = off).", ge=0)
     resume: str = fld("auto", "auto: newest complete checkpoint in checkpoint.dir; never: start fresh; or a checkpoint path.")
-    overwrite: bool = fld(False, "With resume=never: allow starting over an existing run directory.")
+    overwrite: bool = fld(False, "resume=never: start over an existing run (deleting its checkpoints); resume=PATH: delete the checkpoints in checkpoint.dir later than PATH.")
     save_on_exit: bool = fld(True, "Save when stopping on a signal, the time budget or max_steps.")
 
 
@@ -395,6 +395,15 @@ def cross_field_problems(cfg: Config, world_size: int | None = None) -> list[str
     unknown_pii = [x for x in cfg.scrub.pii.types if x not in PII_TYPES]
     if unknown_pii:
         p.append(f"scrub.pii.types: unknown type(s) {unknown_pii}; expected any of {', '.join(PII_TYPES)}")
+    # Engine: deepspeed.extra adds keys; it must not fork a setting the config owns (checkpoints,
+    # export and the optimizer are built from the config's value, not DeepSpeed's).
+    owned = {"zero_optimization.stage": "deepspeed.zero_stage", "bf16.enabled": "train.precision",
+             "fp16.enabled": "train.precision", "gradient_clipping": "train.grad_clip",
+             "optimizer": "the optim section", "scheduler": "the optim section"}
+    for key, owner in owned.items():
+        head, _, leaf = key.partition(".")
+        if head in ds.extra and (not leaf or (isinstance(ds.extra[head], dict) and leaf in ds.extra[head])):
+            p.append(f"deepspeed.extra.{key} is derived from {owner}; set that instead")
     return p
 
 

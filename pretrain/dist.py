@@ -58,6 +58,14 @@ def init_distributed() -> DistInfo:
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if world > 1 and "MASTER_ADDR" not in os.environ and _env_int("SLURM_NNODES", default=1) > 1:
+        from pretrain.errors import UserError
+
+        raise UserError(
+            f"srun started {world} ranks on {os.environ['SLURM_NNODES']} nodes (SLURM_NNODES) but MASTER_ADDR is not "
+            "set, so ranks on other nodes cannot reach rank 0: use launch/slurm.sbatch (torchrun), or export "
+            "MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1) and MASTER_PORT"
+        )
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
@@ -86,18 +94,15 @@ def _free_port() -> int:
 def strip_launcher_args(argv: list[str]) -> list[str]:
     """Remove ``--local_rank=N`` (deepspeed launcher) from argv, recording it in LOCAL_RANK."""
     out: list[str] = []
-    it = iter(range(len(argv)))
-    skip = False
-    for i in it:
-        if skip:
-            skip = False
-            continue
+    i = 0
+    while i < len(argv):
         a = argv[i]
-        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+        if a.startswith(("--local_rank=", "--local-rank=")):
             os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
         elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
             os.environ.setdefault("LOCAL_RANK", argv[i + 1])
-            skip = True
+            i += 1
         else:
             out.append(a)
+        i += 1
     return out

@@ -51,13 +51,14 @@ _BLOCK_MAP = {
 }
 
 
+_TOP_MAP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "lm_head.weight": "lm_head.weight"}
+
+
 def hf_name(ours: str) -> str:
-    if ours == "embed.weight":
-        return "model.embed_tokens.weight"
-    if ours == "norm.weight":
-        return "model.norm.weight"
-    if ours == "lm_head.weight":
-        return "lm_head.weight"
+    """Our parameter name -> Hugging Face Llama's (KeyError for a name Llama has no place for)."""
+    if ours in _TOP_MAP:
+        return _TOP_MAP[ours]
     parts = ours.split(".", 2)
     if len(parts) == 3 and parts[0] == "blocks" and parts[2] in _BLOCK_MAP:
         return f"model.layers.{parts[1]}.{_BLOCK_MAP[parts[2]]}"
@@ -65,16 +66,14 @@ def hf_name(ours: str) -> str:
 
 
 def our_name(hf: str) -> str:
-    inverse = {v: k for k, v in _BLOCK_MAP.items()}
-    if hf == "model.embed_tokens.weight":
-        return "embed.weight"
-    if hf == "model.norm.weight":
-        return "norm.weight"
-    if hf == "lm_head.weight":
-        return "lm_head.weight"
+    """The inverse of :func:`hf_name`."""
+    for ours, theirs in _TOP_MAP.items():
+        if hf == theirs:
+            return ours
     parts = hf.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in inverse:
-        return f"blocks.{parts[2]}.{inverse[parts[3]]}"
+    block = {v: k for k, v in _BLOCK_MAP.items()}
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in block:
+        return f"blocks.{parts[2]}.{block[parts[3]]}"
     raise KeyError(hf)
 
 
@@ -150,12 +149,12 @@ def hf_config(cfg: ModelConfig, dtype: str, eos_id: int | None) -> dict:
     }
 
 
-def model_config_from_hf(config: dict) -> ModelConfig:
+def model_config_from_hf(config: dict, source: str | os.PathLike = "config.json") -> ModelConfig:
     """The ModelConfig of an exported directory's config.json (for `generate`)."""
     from pretrain.config import ModelConfig
 
     if config.get("model_type") != "llama":
-        raise UserError(f"config.json has model_type {config.get('model_type')!r}; only exported Llama models are supported")
+        raise UserError(f"{source} has model_type {config.get('model_type')!r}; only exported Llama models are supported")
     rope = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
     return ModelConfig(
         vocab_size=config["vocab_size"],

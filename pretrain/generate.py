@@ -48,7 +48,7 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> tuple[An
             known = {f.name for f in dataclasses.fields(ModelConfig)}
             mc = ModelConfig(**{k: v for k, v in info["our_model_config"].items() if k in known})
         else:
-            mc = model_config_from_hf(json.loads((p / "config.json").read_text()))
+            mc = model_config_from_hf(json.loads((p / "config.json").read_text()), p / "config.json")
         sd = from_hf_state_dict({k: v.float() for k, v in load_file(str(p / "model.safetensors")).items()}, mc)
         tok_dir = p
     else:
@@ -84,7 +84,7 @@ def generate_text(model: Any, tok: Any, eos_id: int | None, prompt: str, *, max_
             raise UserError("the prompt encodes to no tokens and the tokenizer has no <|endoftext|> to start from")
         ids = [eos_id]  # an empty prompt starts a new document
     new = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_k=top_k if top_k and top_k > 0 else None,
+                   top_k=top_k or None,
                    top_p=top_p if top_p is not None and 0 < top_p < 1 else None, seed=seed, eos_id=eos_id)
     if eos_id is not None and new and new[-1] == eos_id:
         new = new[:-1]
@@ -101,6 +101,8 @@ def generate_cli(args: Any) -> int:
         raise UserError(f"--temperature must be >= 0; got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1]; got {args.top_p}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = no top-k filter); got {args.top_k}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok, eos_id = load_for_inference(args.checkpoint, device)
     if tok is None:

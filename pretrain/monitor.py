@@ -7,7 +7,7 @@ monitor whose methods do nothing, so the loop needs no ``if rank == 0``.
 metrics.jsonl holds one JSON object per line: ``{"kind": "train" | "eval", "step": …, "time": …,
 <metric>: …}`` with the same metric names as wandb (``train/loss``, ``val/ppl``, …). A resumed run
 appends; where a crashed attempt logged steps beyond the checkpoint it resumed from, the later line
-for a step wins (see :func:`read_metrics`).
+for a step wins (see :func:`read_metrics`). A run that starts at step 0 truncates the file.
 """
 
 from __future__ import annotations
@@ -187,7 +187,9 @@ class Monitor:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.run_dir / METRICS_FILE, "a", buffering=1)  # line-buffered
+        # A resumed run appends; a run from step 0 starts the file over (rows of an earlier attempt
+        # describe a trajectory that no longer exists, and would mix into the loss curve).
+        self._file = open(self.run_dir / METRICS_FILE, "a" if start_step > 0 else "w", buffering=1)
         if resolve_wandb_mode(cfg.wandb.mode) != "disabled":
             self.wandb = WandbLogger(cfg, self.run_dir, wandb_run_id)
         if cfg.train.progress_bar:

@@ -11,13 +11,15 @@ Layout, top to bottom::
              _log_step         progress bar, metrics.jsonl + wandb every train.log_every steps
              evaluate          every train.eval_every steps (and at a normal end)
              checkpoint        when due, and on every exit path (checkpoint.save_on_exit)
+             _signal_since     after an evaluation or save: a signal that came meanwhile stops here
 
 ``bench`` reuses ``setup``, ``Prefetcher`` and ``train_step``: the benchmark times this code.
 
 Every rank takes every decision from reduced values, so ranks never disagree about stopping,
 skipping or saving. Exit status: 0 on a normal stop or a signal (SIGTERM/SIGUSR1: the current
 step finishes, the run saves and exits 0 so SLURM can requeue it), 3 after
-``train.max_nonfinite_in_a_row`` consecutive non-finite steps.
+``train.max_nonfinite_in_a_row`` consecutive non-finite steps (also when a signal came at the same
+time: a diverged run must not be requeued), 1 on an exception (wandb marks the run failed).
 
 Test hook: ``PRETRAIN_INJECT_NAN_STEPS=5,6`` multiplies global rank 0's loss by NaN at those
 (1-based) steps; the NaN reaches every rank through the gradient all-reduce, exactly like a real
@@ -341,9 +343,10 @@ def _make_checkpointer(session: Session):
 
 def train(cfg: Config) -> int:
     """Train until a stop condition; returns the process exit status."""
+    started = time.monotonic()  # train.max_time_s counts set-up and resume too: it is the job's budget
     nan_steps = _nan_steps()  # a malformed test hook fails before any set-up
     with StopSignals() as signals:  # installed first: a preemption during set-up still saves
-        return _train(cfg, signals, nan_steps)
+        return _train(cfg, signals, nan_steps, started)
 
 
 @dataclass
@@ -357,10 +360,14 @@ class NonFinite:
         """Update the counters after a step; returns True when the step was non-finite.
 
         DeepSpeed already skipped the update on every rank (see engine.py). With fp16 a skip with
-        a finite loss is the loss scaler calibrating, not a failure.
+        a finite loss is the loss scaler calibrating, not a failure, even though DeepSpeed then
+        reports an infinite gradient norm (a start at 2**16 overflows several steps in a row); a
+        real fp16 divergence ends in DeepSpeed's own error at its minimum loss scale.
         """
-        nonfinite = (not math.isfinite(loss) or (not applied and self.precision != "fp16")
-                     or (gnorm is not None and not math.isfinite(gnorm)))
+        if self.precision == "fp16":
+            nonfinite = not math.isfinite(loss)
+        else:
+            nonfinite = not math.isfinite(loss) or not applied or (gnorm is not None and not math.isfinite(gnorm))
         if not applied:
             state.skipped_steps += 1
         if not nonfinite:
@@ -374,7 +381,7 @@ class NonFinite:
         return True
 
 
-def _train(cfg: Config, signals: StopSignals, nan_steps: set[int]) -> int:
+def _train(cfg: Config, signals: StopSignals, nan_steps: set[int], started: float) -> int:
     import torch
 
     from pretrain.checkpoint import TrainState
@@ -401,7 +408,6 @@ def _train(cfg: Config, signals: StopSignals, nan_steps: set[int]) -> int:
     batches = Prefetcher(s.loader, depth=max(2, cfg.data.prefetch))
     nonfinite = NonFinite(t.precision)
     stop_reason, exit_code, preempted = "", 0, False
-    start = time.monotonic()
     engine.train()
     try:
         while not (stop_reason := _limit_reached(state, t)):
@@ -410,7 +416,7 @@ def _train(cfg: Config, signals: StopSignals, nan_steps: set[int]) -> int:
             lr = engine.get_lr()[0]  # the rate this step's update uses
             local_loss, wait = train_step(engine, batches, t.grad_accum_steps, info.device,
                                           inject_nan=step in nan_steps and info.rank == 0)
-            over_time = t.max_time_s is not None and time.monotonic() - start >= t.max_time_s
+            over_time = t.max_time_s is not None and time.monotonic() - started >= t.max_time_s
             loss, by_signal, by_time = agree(local_loss, signals.received is not None, over_time,
                                              info.device, info.world_size)
             state.step, state.tokens_seen = step, state.tokens_seen + s.tokens_per_step
@@ -418,21 +424,18 @@ def _train(cfg: Config, signals: StopSignals, nan_steps: set[int]) -> int:
             gnorm = grad_norm(engine)
             bad = nonfinite.account(state, step, loss, engine.was_step_applied(), gnorm)
 
-            _log_step(s, monitor, meter, state, loss, lr, gnorm, nonfinite.in_a_row, force=bad)
-            if t.eval_every and step % t.eval_every == 0:
-                _eval_and_log(s, monitor, step)
-            if checkpointer.due(step):
-                checkpointer.save(state, batches.state)
+            stop_reason, exit_code = _stop_reason(by_signal, by_time, nonfinite.in_a_row, t)
+            preempted = by_signal
 
-            if by_signal:
-                stop_reason, preempted = "stop signal (SIGTERM/SIGUSR1)", True
-            elif by_time:
-                stop_reason = f"reached train.max_time_s={t.max_time_s}"
-            elif nonfinite.in_a_row >= t.max_nonfinite_in_a_row:
-                stop_reason = (f"{nonfinite.in_a_row} non-finite steps in a row (train.max_nonfinite_in_a_row="
-                               f"{t.max_nonfinite_in_a_row}); lower optim.lr, check the data, or resume"
-                               " from an earlier checkpoint")
-                exit_code = EXIT_NONFINITE
+            _log_step(s, monitor, meter, state, loss, lr, gnorm, nonfinite.in_a_row, force=bad)
+            evaluating = bool(t.eval_every) and step % t.eval_every == 0 and not preempted  # short grace period
+            if evaluating:
+                _eval_and_log(s, monitor, step)
+            saving = checkpointer.due(step)
+            if saving:
+                checkpointer.save(state, batches.state)
+            if (evaluating or saving) and not stop_reason and _signal_since(signals, info):
+                stop_reason, preempted = "stop signal (SIGTERM/SIGUSR1) during evaluation or a save", True
             if stop_reason:
                 break
 
@@ -441,6 +444,9 @@ def _train(cfg: Config, signals: StopSignals, nan_steps: set[int]) -> int:
             _eval_and_log(s, monitor, state.step)
         if cfg.checkpoint.save_on_exit and state.step > 0:
             checkpointer.save(state, batches.state)
+    except BaseException:
+        exit_code = exit_code or 1  # wandb records the run as failed, not finished
+        raise
     finally:
         batches.close()
         monitor.close(exit_code)
@@ -448,6 +454,30 @@ def _train(cfg: Config, signals: StopSignals, nan_steps: set[int]) -> int:
     if info.world_size > 1:
         torch.distributed.barrier()
     return exit_code
+
+
+def _signal_since(signals: StopSignals, info) -> bool:
+    """Whether any rank got a stop signal, agreed: one that arrived during a long evaluation or save
+    stops the run there (the checkpoint just written is current) instead of one step and save later."""
+    import torch
+
+    return agree(torch.zeros(()), signals.received is not None, False, info.device, info.world_size)[1]
+
+
+def _stop_reason(by_signal: bool, by_time: bool, nonfinite_in_a_row: int, t) -> tuple[str, int]:
+    """The stop decisions taken after a step from agreed values: (reason or '', exit status).
+
+    Divergence wins over a signal or the budget: exit 0 would let SLURM requeue a diverged run.
+    """
+    if nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
+        return (f"{nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_in_a_row="
+                f"{t.max_nonfinite_in_a_row}); lower optim.lr, check the data, or resume from an earlier checkpoint",
+                EXIT_NONFINITE)
+    if by_signal:
+        return "stop signal (SIGTERM/SIGUSR1)", 0
+    if by_time:
+        return f"reached train.max_time_s={t.max_time_s}", 0
+    return "", 0
 
 
 def _limit_reached(state, t) -> str:
@@ -467,7 +497,7 @@ def _log_step(s: Session, monitor, meter, state, loss: float, lr: float, gnorm: 
 
     step, engine = state.step, s.engine
     due = step % s.cfg.train.log_every == 0
-    perf = meter.summary() if due else {}
+    perf = meter.summary()  # the window so far: the bar shows a rate on every step
     monitor.progress(step, loss, perf.get("tokens_per_s"), perf.get("mfu"))
     if not (due or force):
         return
@@ -486,7 +516,7 @@ def _log_step(s: Session, monitor, meter, state, loss: float, lr: float, gnorm: 
         "perf/loader_wait_frac": perf.get("loader_wait_frac"),
         "perf/memory_bytes": memory_bytes(s.info.device),
     })
-    if perf:
+    if due:
         meter.reset()
 
 
@@ -502,10 +532,10 @@ def _log_setup(s: Session, monitor, flops_per_token, peak) -> None:
     import torch.distributed as dist
 
     info, cfg = s.info, s.cfg
-    local = torch.tensor([local_param_numel(s.engine)], dtype=torch.int64)
+    local = torch.tensor([local_param_numel(s.engine)], dtype=torch.int64, device=info.device)  # NCCL: on the GPU
     per_rank = [local.clone() for _ in range(info.world_size)]
     if info.world_size > 1:
-        dist.all_gather(per_rank, local.to(info.device))
+        dist.all_gather(per_rank, local)
     total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in s.engine.module.parameters())
     row = {
         "setup/params": total,
@@ -516,6 +546,8 @@ def _log_setup(s: Session, monitor, flops_per_token, peak) -> None:
         "setup/peak_flops_per_device": peak,
         "setup/zero_stage": cfg.deepspeed.zero_stage,
         "setup/precision": cfg.train.precision,
+        # The privacy gate's override, recorded with the run (empty unless data.require_scrubbed=false).
+        "setup/unscrubbed_sources": list(getattr(s.loader, "unscrubbed_sources", [])),
     }
     log.info(
         "model %.2fM params; ZeRO-%d %s on %d rank(s); global batch %d x %d tokens = %d tokens/step",

@@ -229,3 +229,24 @@ def test_truncated_unscrubbed_jsonl_source_is_a_user_error(corpus, tmp_path):
                    "data.require_scrubbed=false")
     with pytest.raises(UserError, match="cut.jsonl.zst is corrupt or truncated"):
         build_train_loader(cfg, 0, 1)
+
+
+def test_workers_survive_preemption_signals(corpus):
+    """SIGTERM/SIGUSR1 reach the whole process group on preemption (SLURM, pkill -f): the workers
+    must leave them to the trainer, or the loader dies before the trainer can save."""
+    import os
+    import signal
+
+    loader = build_train_loader(make_cfg(corpus, "data.num_workers=2"), 0, 1)
+    try:
+        next(loader)
+        workers = loader._dl_iter._workers
+        assert len(workers) == 2
+        for w in workers:
+            os.kill(w.pid, signal.SIGTERM)
+            os.kill(w.pid, signal.SIGUSR1)
+        for _ in range(6):  # every worker delivers again
+            next(loader)
+        assert all(w.is_alive() for w in workers)
+    finally:
+        loader.close()

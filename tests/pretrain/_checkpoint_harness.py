@@ -54,7 +54,7 @@ engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters
 
 ckpt = Checkpointer(cfg, engine, info, tokenizer_path=None)
 # Global sample index: identical on every rank, so any world size can continue from it.
-ckpt.reshard = lambda states, n: [{"next": states[0]["next"]} for _ in range(n)]
+ckpt.reshard = lambda states, n, workers: [{"next": states[0]["next"]} for _ in range(n)]
 resumed = ckpt.resume()
 state, loader = (resumed[0], resumed[1]) if resumed else (TrainState(), {"next": 0})
 W = torch.tensor([[0.5 - 0.1 * i] for i in range(16)])

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 TIMEOUT = 300
@@ -34,6 +36,12 @@ def make_tiny_data(root: Path) -> dict:
                              "tokenizer.vocab_size=1024", "data.require_scrubbed=false"])
     train_tokenizer(cfg)
     return {"corpus": corpus, "tokenizer": root / "tok" / "tokenizer.json"}
+
+
+@pytest.fixture(scope="module", name="tiny_data")
+def tiny_data_fixture(tmp_path_factory) -> dict:
+    """The `tiny_data` fixture of test_trainer.py and test_bench.py (they import it)."""
+    return make_tiny_data(tmp_path_factory.mktemp("trainer_data"))
 
 
 def write_config(path: Path, data: dict, run_dir: Path, extra: str = "") -> Path:

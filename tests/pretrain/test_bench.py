@@ -6,13 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from _trainer_helpers import REPO, make_tiny_data, write_config
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> dict:
-    return make_tiny_data(tmp_path_factory.mktemp("trainer_data"))
-
+from _trainer_helpers import (
+    REPO,
+    tiny_data_fixture,  # noqa: F401 - registers the tiny_data fixture
+    write_config,
+)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -260,3 +261,132 @@ def test_due_by_steps_and_wall_clock(tmp_path, monkeypatch):
     assert c.due(2)
     c.save(TrainState(step=2), {})
     assert not c.due(3)  # the clock restarts at each save
+
+
+def _forge_marker(step_dir: Path) -> None:
+    """Rewrite the marker so its sizes and hashes match whatever lies in step_dir now."""
+    marker = json.loads((step_dir / MARKER).read_text())
+    marker["files"] = {rel: {"size": (step_dir / rel).stat().st_size, "sha256": ck.sha256_file(step_dir / rel)}
+                       for rel in ck._payload_files(step_dir)}
+    (step_dir / MARKER).write_text(json.dumps(marker))
+
+
+class _Payload:
+    """Unpickling this calls Path.touch: stands in for code a forged checkpoint would run."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_forged_checkpoint_with_matching_marker_never_runs_code(tmp_path):
+    """DeepSpeed unpickles with weights_only=False; a shard holding more than tensors is refused
+    (resume and export/generate) even when its marker was forged to match, before any load."""
+    c = make(tmp_path)
+    step_dir = Path(c.save(TrainState(step=2), {"pos": 2}))
+    shard = step_dir / "engine" / "mp_rank_00_model_states.pt"
+    ran = tmp_path / "code_ran"
+    torch.save({"module": {"w": torch.zeros(8)}, "extra": _Payload(ran)}, shard)
+    _forge_marker(step_dir)
+    assert ck.is_complete(step_dir)
+    engine = FakeEngine(seed=1)
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt: refused, it holds more than tensors"):
+        make(tmp_path, engine=engine).resume()
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt"):
+        ck.verify_checkpoint(step_dir)  # export and generate go through this
+    assert engine.loads == 0 and not ran.exists()
+
+
+def test_branching_from_an_older_checkpoint_needs_overwrite_and_drops_the_later_ones(tmp_path):
+    """resume=<step 2> while step 4 and 6 exist: left in place, a requeued resume=auto would
+    continue from the abandoned step 6, and the branch's save of step 4 used to keep the old one."""
+    c = make(tmp_path)
+    for step in (2, 4, 6):
+        c.save(TrainState(step=step), {"pos": step})
+    step2 = tmp_path / "checkpoints" / "step_00000002"
+    with pytest.raises(CheckpointError, match=r"step_00000004, step_00000006.*checkpoint.overwrite=true"):
+        make(tmp_path, f"checkpoint.resume={step2}").resume()
+    shutil.copytree(step2, tmp_path / "best")  # a step directory under another name: its marker says step 2
+    with pytest.raises(CheckpointError, match=r"starts from step 2, .*step_00000004, step_00000006"):
+        make(tmp_path, f"checkpoint.resume={tmp_path / 'best'}").resume()
+    branch = make(tmp_path, f"checkpoint.resume={step2}", "checkpoint.overwrite=true")
+    assert branch.resume()[0].step == 2
+    assert [p.name for _, p in ck.list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002"]
+    step4 = Path(branch.save(TrainState(step=4), {"pos": "branch"}))
+    assert json.loads((step4 / "rank_00000.json").read_text())["loader"] == {"pos": "branch"}
+    # Resuming from the newest checkpoint of the directory itself is not a branch.
+    assert make(tmp_path, f"checkpoint.resume={tmp_path / 'checkpoints'}").resume()[0].step == 4
+
+
+def test_a_complete_checkpoint_this_run_did_not_write_is_replaced(tmp_path):
+    make(tmp_path).save(TrainState(step=4), {"pos": "old"})
+    step4 = Path(make(tmp_path, "checkpoint.resume=never", "checkpoint.overwrite=true").save(TrainState(step=4), {"pos": "new"}))
+    assert json.loads((step4 / "rank_00000.json").read_text())["loader"] == {"pos": "new"}
+    assert ck.is_complete(step4)
+
+
+def test_latest_pointer_on_a_filesystem_that_cannot_rename_over_a_file(tmp_path, monkeypatch, caplog):
+    real_replace = ck.os.replace
+
+    def replace(src, dst):
+        if Path(dst).exists():
+            raise OSError(95, "Operation not supported")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", replace)
+    c = make(tmp_path)
+    c.save(TrainState(step=2), {})
+    c.save(TrainState(step=4), {})
+    latest = tmp_path / "checkpoints" / "latest"
+    assert latest.read_text().strip() == "step_00000004"
+    assert not list(latest.parent.glob(".latest.tmp*"))  # no leftovers of the failed rename
+
+    def no_pointer(src, dst):
+        if Path(dst).name == "latest":
+            raise OSError(5, "I/O error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", no_pointer)
+    with caplog.at_level(logging.WARNING, logger="pretrain.checkpoint"):
+        c.save(TrainState(step=6), {})  # the marker counts; the pointer is only a hint
+    assert "resume finds step_00000006 by its marker" in caplog.text
+    assert make(tmp_path).resume()[0].step == 6
+
+
+def test_resume_never_refuses_a_run_dir_with_metrics_and_no_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    args = (f"run.dir={run}", "checkpoint.resume=never")
+    with pytest.raises(CheckpointError, match=r"run.dir already holds a run .*metrics.jsonl.*checkpoint.overwrite=true"):
+        make(tmp_path, *args).resume()
+    assert make(tmp_path, *args, "checkpoint.overwrite=true").resume() is None
+
+
+def test_unwritable_checkpoint_dir_is_a_user_error_naming_it(tmp_path):
+    blocker = tmp_path / "ckpts"
+    blocker.write_text("a file where the directory should be")
+    c = Checkpointer(load_config(None, [f"checkpoint.dir={blocker}"]), FakeEngine(), INFO, None)
+    with pytest.raises(CheckpointError, match=r"cannot create checkpoint directory .*ckpts/step_00000001 \(checkpoint.dir\)"):
+        c.save(TrainState(step=1), {})
+
+
+def test_changing_data_num_workers_on_resume_reshards_the_loader_state(tmp_path):
+    """Same world size, other data.num_workers: the saved per-rank state has another number of
+    streams, which the loader refuses as is; the checkpointer reshards it (as for a new world)."""
+    make(tmp_path).save(TrainState(step=2), {"workers": 1, "pos": 7})
+    calls = []
+
+    def reshard(states, world, num_workers):
+        calls.append((states, world, num_workers))
+        return [{"workers": max(1, num_workers), "pos": states[0]["pos"]}] * world
+
+    same = make(tmp_path, "data.num_workers=1")
+    same.reshard = reshard
+    assert same.resume()[1] == {"workers": 1, "pos": 7} and calls == []  # nothing changed: state as saved
+    more = make(tmp_path, "data.num_workers=2")
+    more.reshard = reshard
+    assert more.resume()[1] == {"workers": 2, "pos": 7}
+    assert calls == [([{"workers": 1, "pos": 7}], 1, 2)]

@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _trainer_helpers import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 HARNESS = HERE / "_checkpoint_harness.py"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(nproc: int, ckpt: Path, stage: int, steps: int, kill_at: int = -1, fault: str | None = None,
@@ -37,7 +31,7 @@ def run(nproc: int, ckpt: Path, stage: int, steps: int, kill_at: int = -1, fault
     if fault:
         env["PRETRAIN_CKPT_FAULT"] = fault
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_port()), str(HARNESS), str(ckpt), str(stage), str(steps), "2",
+           "127.0.0.1", "--master_port", str(free_port()), str(HARNESS), str(ckpt), str(stage), str(steps), "2",
            str(kill_at)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert (p.returncode == 0) == expect_ok, p.stdout[-2000:] + p.stderr[-4000:]
@@ -94,7 +88,7 @@ def train(config: Path, run_dir: Path, nproc: int, *overrides: str, fault: str |
     if fault:
         env["PRETRAIN_CKPT_FAULT"] = fault
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_port()), "-m", "pretrain", "train", str(config), f"run.dir={run_dir}",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "pretrain", "train", str(config), f"run.dir={run_dir}",
            *overrides]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert (p.returncode == 0) == expect_ok, p.stderr[-4000:]

@@ -9,18 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from _trainer_helpers import free_port
 
 from pretrain.dist import strip_launcher_args
 
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_strip_launcher_args(monkeypatch):
@@ -47,3 +40,18 @@ def test_torchrun_two_ranks_zero2_on_cpu(tmp_path):
         assert r["losses"][-1] < 0.5 * r["losses"][0], r["losses"]  # it learns
     # ZeRO-2 keeps replicas identical after every step: parameters agree across ranks.
     assert rows[0]["param"] == rows[1]["param"]
+
+
+def test_multi_node_srun_without_master_addr_is_a_user_error(monkeypatch):
+    """Defaulting to 127.0.0.1 there would leave the other nodes' ranks waiting forever."""
+    from pretrain.dist import init_distributed
+    from pretrain.errors import UserError
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    with pytest.raises(UserError, match="MASTER_ADDR is not set"):
+        init_distributed()
+    assert "RANK" not in os.environ  # refused before touching the environment

@@ -125,3 +125,16 @@ def test_guarded_adamw_skips_nonfinite_and_clips_finite():
     assert not opt.overflow and opt._global_grad_norm == pytest.approx(6.0)
     assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
     assert (p.detach() < 1.0).all()
+
+
+@pytest.mark.parametrize("key, owner", [
+    ("zero_optimization.stage=3", "deepspeed.zero_stage"),
+    ("bf16.enabled=false", "train.precision"),
+    ("gradient_clipping=5.0", "train.grad_clip"),
+    ("optimizer.type=Adam", "the optim section"),
+])
+def test_extra_may_not_fork_a_setting_the_config_owns(key, owner):
+    """A stage set only in extra would run ZeRO-3 while checkpoints record zero_stage=1."""
+    with pytest.raises(ConfigError, match=rf"deepspeed.extra.{key.split('=')[0].split('.type')[0]} is derived from {owner}"):
+        cfg_with(f"deepspeed.extra.{key}")
+    cfg_with("deepspeed.extra.zero_optimization.round_robin_gradients=true")  # a key the config does not own

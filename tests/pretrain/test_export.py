@@ -6,22 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _trainer_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ wandb: {{mode: disabled}}
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_port()), "-m", "pretrain", "train", str(cfg)]
+           "--master_port", str(free_port()), "-m", "pretrain", "train", str(cfg)]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     return root / "run"
@@ -130,3 +124,19 @@ def test_export_bf16_and_refusals(zero3_run, tmp_path):
     (tmp_path / "occupied" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
         export_checkpoint(zero3_run, tmp_path / "occupied")
+
+
+def test_parameter_names_map_one_to_one_both_ways():
+    from pretrain.config import load_config
+    from pretrain.export import _expected_names, hf_name, our_name
+
+    names = _expected_names(load_config(None, ["model.n_layers=2"]).model)
+    hf = {hf_name(n) for n in names}
+    assert len(hf) == len(names) and all(our_name(hf_name(n)) == n for n in names)
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+            "model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"} <= hf
+    for bad in ("blocks.0.attn.rope.freqs", "blocks.x"):
+        with pytest.raises(KeyError):
+            hf_name(bad)
+    with pytest.raises(KeyError):
+        our_name("model.layers.0.self_attn.rotary_emb.inv_freq")

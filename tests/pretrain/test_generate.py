@@ -99,3 +99,23 @@ def test_cli_and_bad_arguments(ckpt):
     p = subprocess.run([*cmd[:5], str(ckpt.root / "nothing"), *cmd[6:]], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and "nothing" in p.stderr
+
+
+def test_negative_top_k_is_refused_naming_the_flag(ckpt):
+    from pretrain.errors import UserError
+    from pretrain.generate import generate_cli
+
+    with pytest.raises(UserError, match="--top-k must be >= 0"):
+        generate_cli(args(ckpt.step_dir, top_k=-5))
+
+
+def test_foreign_export_dir_is_refused_naming_its_config(tmp_path):
+    import json
+
+    from pretrain.errors import UserError
+    from pretrain.generate import load_for_inference
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=rf"{tmp_path / 'config.json'} has model_type 'gpt2'"):
+        load_for_inference(tmp_path)

@@ -91,3 +91,18 @@ def test_monitor_rank0_writes_jsonl_other_ranks_nothing(tmp_path):
     assert [x["kind"] for x in lines] == ["setup", "train", "eval"]
     assert "train/grad_norm" not in lines[1]  # None values are left out, not written as null
     assert (tmp_path / "r0" / "loss_curve.png").is_file()
+
+
+def test_metrics_file_starts_over_at_step_0_and_appends_on_resume(tmp_path):
+    """A fresh start (resume=never overwrite=true, or a crash before the first checkpoint) must not
+    mix the earlier attempt's rows into this run's curve; a resumed run keeps them."""
+    cfg = load_config(None, ["wandb.mode=disabled", "train.progress_bar=false"])
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 9, "train/loss": 1.0}) + "\n")
+    m = Monitor(cfg, rank=0, run_dir=tmp_path, start_step=0, wandb_run_id=None, total_steps=10)
+    m.log_train(1, {"train/loss": 5.0, "train/lr": 1e-3})
+    m.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl", "train")] == [1]
+    m = Monitor(cfg, rank=0, run_dir=tmp_path, start_step=1, wandb_run_id=None, total_steps=10)
+    m.log_train(2, {"train/loss": 4.0, "train/lr": 1e-3})
+    m.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl", "train")] == [1, 2]

@@ -22,17 +22,11 @@ from _trainer_helpers import (
     assert_loss_falls,
     command,
     losses,
-    make_tiny_data,
     metrics,
     run_train,
+    tiny_data_fixture,  # noqa: F401 - registers the tiny_data fixture
     write_config,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> dict:
-    return make_tiny_data(tmp_path_factory.mktemp("trainer_data"))
-
 
 # --------------------------------------------------------------------------------------------
 # ZeRO stages
@@ -63,6 +57,7 @@ def test_zero0_fp32_wandb_eval_and_skipped_nan(tiny_data, tmp_path):
     assert all(math.isclose(e["val/ppl"], math.exp(e["val/loss"]), rel_tol=1e-6) for e in evals)
     setup = metrics(run, "setup")[0]
     assert setup["setup/param_numel_per_rank"] == [setup["setup/params"]] * 2
+    assert setup["setup/unscrubbed_sources"], "training on unscrubbed data must be recorded with the run"
     assert json.loads((run / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0
     assert (run / "loss_curve.png").stat().st_size > 1000
     (offline,) = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -179,3 +174,132 @@ def test_resume_continues_exactly_and_in_the_same_wandb_run(tiny_data, tmp_path)
     run_train(write_config(tmp_path / "r.yaml", tiny_data, ref), [*common, "train.max_steps=10", "wandb.mode=disabled"],
               nproc=1)
     assert losses(run) == pytest.approx(losses(ref), abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Limits, edge cases, progress bar
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_time_budget_on_step_1_then_max_tokens_then_resume_at_max_steps_and_max_steps_0(tiny_data, tmp_path):
+    """One process, three attempts on one run dir: every stop condition saves, and an attempt that
+    resumes exactly at max_steps trains nothing, keeps the checkpoint and exits 0."""
+    from pretrain.checkpoint import MARKER, find_latest_complete
+
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, run)
+    common = ["deepspeed.zero_stage=1", "checkpoint.save_on_exit=true"]
+    # 1 s is less than torch + DeepSpeed take to start: the budget counts set-up, so one step runs.
+    p = run_train(cfg, [*common, "train.max_time_s=1"], nproc=1)
+    assert "stopping at step 1: reached train.max_time_s" in p.stderr
+    assert [r["step"] for r in metrics(run, "train")] == [1]
+    assert find_latest_complete(run / "checkpoints").name == "step_00000001"
+
+    p = run_train(cfg, [*common, f"train.max_tokens={3 * 4 * 64}"], nproc=1)  # 4 x 64 tokens per step
+    assert "stopping at step 3: reached train.max_tokens=768" in p.stderr
+    step3 = find_latest_complete(run / "checkpoints")
+    assert step3.name == "step_00000003"
+    marker = (step3 / MARKER).read_text()
+
+    p = run_train(cfg, [*common, "train.max_steps=3"], nproc=1)
+    assert "resumed at step 3" in p.stderr and "stopping at step 3: reached train.max_steps=3" in p.stderr
+    assert [r["step"] for r in metrics(run, "train")] == [1, 2, 3]
+    assert (step3 / MARKER).read_text() == marker  # not rewritten
+
+    empty = tmp_path / "empty"
+    p = run_train(write_config(tmp_path / "e.yaml", tiny_data, empty), [*common, "train.max_steps=0"], nproc=1)
+    assert "stopping at step 0: reached train.max_steps=0" in p.stderr
+    assert metrics(empty, "train") == [] and find_latest_complete(empty / "checkpoints") is None
+
+
+def test_stop_signals_sets_the_flag_and_restores_handlers():
+    from pretrain.trainer import StopSignals
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopSignals() as s:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert s.received == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_progress_bar_shows_throughput_between_metric_logs():
+    """log_every=10: steps 1-9 still show tokens/s and MFU on the bar (they used to show '-')."""
+    from types import SimpleNamespace
+
+    from pretrain.monitor import Throughput
+    from pretrain.trainer import _log_step
+
+    bar, logged = [], []
+    monitor = SimpleNamespace(progress=lambda *a: bar.append(a), log_train=lambda *a: logged.append(a))
+    session = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(log_every=10)), engine=None, info=None)
+    meter = Throughput(flops_per_token=1e6, peak_flops=1e10, world_size=1)
+    for step in (1, 2, 3):
+        meter.update(global_tokens=1000, step_time=0.5, wait_time=0.0)
+        state = SimpleNamespace(step=step, tokens_seen=1000 * step, skipped_steps=0)
+        _log_step(session, monitor, meter, state, loss=2.0, lr=1e-3, gnorm=1.0, in_a_row=0, force=False)
+    assert [(b[0], b[2], b[3]) for b in bar] == [(s, pytest.approx(2000.0), pytest.approx(0.2)) for s in (1, 2, 3)]
+    assert logged == []  # metrics only every log_every steps
+
+
+def test_stop_reason_priority_and_exit_status():
+    from types import SimpleNamespace
+
+    from pretrain.trainer import EXIT_NONFINITE, _stop_reason
+
+    t = SimpleNamespace(max_time_s=60.0, max_nonfinite_in_a_row=3)
+    assert _stop_reason(False, False, 2, t) == ("", 0)
+    assert _stop_reason(False, False, 3, t)[1] == EXIT_NONFINITE
+    assert "train.max_nonfinite_in_a_row=3" in _stop_reason(False, False, 3, t)[0]
+    assert _stop_reason(False, True, 2, t) == ("reached train.max_time_s=60.0", 0)  # the budget saves, exits 0
+    assert _stop_reason(True, True, 2, t) == ("stop signal (SIGTERM/SIGUSR1)", 0)
+    assert _stop_reason(True, True, 3, t)[1] == EXIT_NONFINITE  # no requeue of a diverged run
+
+
+@pytest.mark.slow
+def test_signal_during_a_save_stops_there(tiny_data, tmp_path):
+    """SIGTERM that lands while step 2's checkpoint is written: stop at step 2 (its checkpoint is
+    current), not one more step and a second save inside the preemption grace period."""
+    import sys
+
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, run)
+    script = f"""
+import os, signal, sys
+import pretrain.checkpoint as ck
+real_save = ck.Checkpointer.save
+def save(self, state, loader_state):
+    out = real_save(self, state, loader_state)
+    if state.step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return out
+ck.Checkpointer.save = save
+from pretrain.__main__ import main
+sys.exit(main(["train", {str(cfg)!r}, "checkpoint.every_steps=2", "checkpoint.save_on_exit=true"]))
+"""
+    p = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "stopping at step 2: stop signal (SIGTERM/SIGUSR1) during evaluation or a save" in p.stderr
+    assert metrics(run, "train")[-1]["step"] == 2
+    from pretrain.checkpoint import list_checkpoints
+
+    assert [p.name for _, p in list_checkpoints(run / "checkpoints")] == ["step_00000002"]
+
+
+def test_fp16_loss_scale_calibration_is_not_divergence():
+    """DeepSpeed reports grad norm inf on every fp16 overflow skip; starting at 2**16 the scaler
+    overflows several steps in a row, which must not trip max_nonfinite_in_a_row."""
+    from types import SimpleNamespace
+
+    from pretrain.trainer import NonFinite
+
+    state = SimpleNamespace(skipped_steps=0)
+    fp16 = NonFinite("fp16")
+    assert not any(fp16.account(state, step, 7.5, applied=False, gnorm=float("inf")) for step in range(1, 8))
+    assert fp16.in_a_row == 0 and state.skipped_steps == 7
+    assert fp16.account(state, 8, float("nan"), applied=False, gnorm=float("inf")) and fp16.in_a_row == 1
+    bf16 = NonFinite("bf16")
+    assert bf16.account(state, 9, 7.5, applied=False, gnorm=float("inf")) and bf16.in_a_row == 1
+    assert not bf16.account(state, 10, 7.4, applied=True, gnorm=1.0) and bf16.in_a_row == 0
