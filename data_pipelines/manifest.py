@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.errors import UserError
+from pretrain.fileio import write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -69,16 +70,6 @@ def shard_entry(directory: str | os.PathLike, rel_path: str, docs: int) -> dict:
     return {"path": rel_path, "docs": int(docs), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a small text file so that readers see the old file or the whole new one, never a
-    partial one (temp file in the same directory, then rename): how every marker, manifest,
-    report and index of the data pipelines is written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def now_iso() -> str:

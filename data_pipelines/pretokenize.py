@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from data_pipelines.manifest import write_text_atomic
 from data_pipelines.packing import make_batch
 from data_pipelines.sources import is_heldout, open_sources
 from pretrain.errors import UserError
+from pretrain.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 

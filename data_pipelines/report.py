@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from data_pipelines.filters.bias import disparity_rows
-from data_pipelines.manifest import write_text_atomic
+from pretrain.fileio import write_text_atomic
 
 FILTER_ORDER = ("malformed", "language", "quality", "dedup", "toxicity")
 

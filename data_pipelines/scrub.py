@@ -48,6 +48,7 @@ import numpy as np
 from data_pipelines import manifest as mf
 from data_pipelines.readers import InputUnit, input_info, read_unit, resolve_inputs
 from pretrain.errors import UserError
+from pretrain.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +463,7 @@ def phase3_unit(unit: InputUnit, cfg, out_dir: str, flags: np.ndarray) -> dict:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    mf.write_text_atomic(path, json.dumps(obj, ensure_ascii=False, default=str))
+    write_json_atomic(path, obj, ensure_ascii=False, default=str)
 
 
 def _read_json(path: Path) -> dict:

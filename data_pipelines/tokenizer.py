@@ -69,8 +69,8 @@ def build_bpe(vocab_size: int, min_frequency: int, specials: list[str]):
 
 def train_tokenizer(cfg) -> int:
     """`python -m data_pipelines train-tokenizer`: BPE on `tokenizer.input`, written to `tokenizer.output`."""
-    from data_pipelines.manifest import write_text_atomic
     from data_pipelines.sources import Source
+    from pretrain.fileio import write_text_atomic
 
     t = cfg.tokenizer
     source = Source("tokenizer", t.input, 1.0, "text", "tokenizer.input", cfg.data.require_scrubbed, 256)

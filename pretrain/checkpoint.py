@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pretrain.errors import UserError
+from pretrain.fileio import fsync_dir, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -101,36 +102,6 @@ def step_dir_name(step: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON so readers see the old file or the whole new one, never a torn one."""
-    _write_text_atomic(Path(path), json.dumps(obj, indent=1, sort_keys=True))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _point_latest(ckpt_dir: Path, name: str) -> None:
@@ -141,13 +112,13 @@ def _point_latest(ckpt_dir: Path, name: str) -> None:
     """
     path = ckpt_dir / LATEST
     try:
-        _write_text_atomic(path, name + "\n")
+        write_text_atomic(path, name + "\n")
         return
     except OSError as e:
         log.warning("could not replace %s atomically (%s); rewriting it", path, e)
     try:
         path.unlink(missing_ok=True)
-        _write_text_atomic(path, name + "\n")
+        write_text_atomic(path, name + "\n")
     except OSError as e:
         log.warning("could not update %s (%s); resume finds %s by its marker anyway", path, e, name)
 
@@ -595,8 +566,8 @@ class Checkpointer:
             files: dict = {}
             for part in gathered:
                 files.update(part)
-            _fsync_dir(step_dir)
-            _fsync_dir(step_dir / ENGINE_TAG)
+            fsync_dir(step_dir)
+            fsync_dir(step_dir / ENGINE_TAG)
             write_json_atomic(
                 step_dir / MARKER,
                 {
@@ -859,7 +830,7 @@ def convert_to_universal(step_dir: str | os.PathLike) -> Path:
     for p in sorted(udir.rglob("*")):
         if p.is_file():
             files[p.relative_to(udir).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p, fsync=True)}
-    _fsync_dir(udir)
+    fsync_dir(udir)
     write_json_atomic(udir / MARKER, {"format": FORMAT, "format_version": FORMAT_VERSION, "universal": True, "files": files})
     log.info("converted %s to a universal checkpoint in %.1fs", step_dir, time.monotonic() - t0)
     return udir

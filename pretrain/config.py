@@ -649,13 +649,9 @@ def to_dict(cfg: Config) -> dict:
 
 def save_resolved(cfg: Config, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the fully resolved config into the run directory (atomically)."""
-    out = Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / name
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, target)
-    return target
+    from pretrain.fileio import write_text_atomic
+
+    return write_text_atomic(Path(run_dir) / name, to_yaml(cfg))
 
 
 def reference_markdown() -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 from pretrain.config import Config
 from pretrain.errors import ConfigError, UserError
+from pretrain.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +247,7 @@ def build_engine(cfg: Config, model, info, run_dir: str | os.PathLike | None):
     text = json.dumps(conf, indent=2, sort_keys=True)
     log.info("DeepSpeed config:\n%s", text)
     if run_dir is not None and info.rank == 0:
-        path = Path(run_dir) / "ds_config.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(Path(run_dir) / "ds_config.json", text + "\n")
 
     optimizer = build_optimizer(cfg, model, on_cuda)
     factor = lr_multiplier(cfg.optim, schedule_horizon(cfg, info.world_size))

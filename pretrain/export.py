@@ -23,9 +23,9 @@ from pretrain.checkpoint import (
     load_checkpoint_config,
     resolve_checkpoint,
     verify_checkpoint,
-    write_json_atomic,
 )
 from pretrain.errors import UserError
+from pretrain.fileio import write_json_atomic
 
 if TYPE_CHECKING:
     import torch

@@ -11,7 +11,6 @@ from data_pipelines.manifest import (
     shard_files,
     shard_name,
     write_manifest,
-    write_text_atomic,
 )
 from pretrain.errors import UserError
 
@@ -108,22 +107,3 @@ def test_shard_path_must_stay_inside(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(m))
     with pytest.raises(ManifestError, match="must be relative"):
         read_manifest(tmp_path)
-
-
-def test_atomic_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
-    import os
-
-    target = write_text_atomic(tmp_path / "sub" / "report.json", "old")
-    assert target.read_text() == "old"
-
-    def crash(src, dst):  # the process dies between writing the temp file and the rename
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(KeyboardInterrupt):
-        write_text_atomic(target, "new and much longer")
-    assert target.read_text() == "old"  # readers still see the complete old file
-    monkeypatch.undo()
-    write_text_atomic(target, "new")
-    assert target.read_text() == "new"
-    assert {p.name for p in target.parent.iterdir()} - {"report.json"} <= {p.name for p in target.parent.glob(".*.tmp")}
