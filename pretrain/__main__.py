@@ -90,4 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pretrain.dist import exit_process
+
+    try:
+        status = main()
+    except SystemExit as e:
+        status = e.code
+    exit_process(status)

@@ -7,8 +7,12 @@ itself, so nobody has to remember ``DS_ACCELERATOR=cpu``.
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 
 @dataclass(frozen=True)
@@ -106,3 +110,27 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
             out.append(a)
         i += 1
     return out
+
+
+def exit_process(code: int | str | None) -> NoReturn:
+    """End a command's process; one that used torch.distributed skips interpreter finalization.
+
+    DeepSpeed keeps its process groups in module globals, so they outlive
+    ``destroy_process_group`` and are freed during finalization, where a gloo worker thread that
+    drops a tensor needs the GIL and aborts the process ("terminate called without an active
+    exception", SIGABRT): a finished run would report failure to torchrun or SLURM. So the groups
+    are destroyed and the exit handlers (wandb, multiprocessing, logging) run while Python is fully
+    alive, and the process then leaves with ``os._exit``.
+    """
+    torch_dist = sys.modules.get("torch.distributed")
+    if torch_dist is None or not torch_dist.is_available() or not torch_dist.is_initialized():
+        sys.exit(code)
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    torch_dist.destroy_process_group()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -14,7 +14,7 @@ import random
 import signal
 import sys
 
-from pretrain.dist import init_distributed
+from pretrain.dist import exit_process, init_distributed
 from pretrain.logging_setup import setup_logging
 
 info = init_distributed()
@@ -87,4 +87,4 @@ while state.step < max_steps:
         ckpt.save(state, dict(loader))
 emit({"rank": info.rank, "done": state.step})
 torch.distributed.barrier()  # no rank leaves while another is still in a collective
-torch.distributed.destroy_process_group()
+exit_process(0)

@@ -7,7 +7,7 @@ agree and learn (files, not stdout: two ranks printing at once interleave their 
 import json
 import sys
 
-from pretrain.dist import init_distributed
+from pretrain.dist import exit_process, init_distributed
 
 info = init_distributed()  # must pick the CPU accelerator and gloo by itself
 
@@ -39,3 +39,4 @@ result = {"rank": info.rank, "world": info.world_size, "backend": info.backend,
           "accelerator": acc.get_accelerator().device_name(), "losses": losses, "param": first}
 with open(f"{sys.argv[2]}/rank{info.rank}.json", "w") as f:
     json.dump(result, f)
+exit_process(0)

@@ -55,3 +55,27 @@ def test_multi_node_srun_without_master_addr_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match="MASTER_ADDR is not set"):
         init_distributed()
     assert "RANK" not in os.environ  # refused before touching the environment
+
+
+_EXIT_SCRIPT = """
+import atexit, sys
+from pretrain.dist import exit_process, init_distributed
+if sys.argv[1] == "dist":
+    init_distributed()
+atexit.register(lambda: open(sys.argv[2], "w").write("ran"))
+print("last line", end="")  # unflushed: exit_process must flush it
+exit_process(int(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["dist", "plain"])
+def test_exit_process_keeps_status_output_and_exit_handlers(tmp_path, mode):
+    """A finished run must exit with its own status (not SIGABRT from finalization), having run
+    the exit handlers (wandb, multiprocessing) and flushed its output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    marker = tmp_path / "atexit.txt"
+    p = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, mode, str(marker), "3"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert p.stdout.endswith("last line")
+    assert marker.read_text() == "ran"
