@@ -1,11 +1,12 @@
 """Model-only training-step micro-benchmark: ``python -m pretrain.bench_model [options]``.
 
 Times a full forward + backward + optimizer step at one shape (default: the CPU bench shape of
-configs/model/cpu_small.yaml, sequence 256, micro-batch 8) for several variants, each labelled
-by what it really does:
+configs/model/cpu_small.yaml, sequence 256, micro-batch 8) on the CPU or a CUDA device
+(``--device``), for several variants, each labelled by what it really does:
 
 - ``nanogpt_autocast``: a faithful copy of nanoGPT's GPT (LayerNorm, GELU MLP, tied embeddings,
   full-logits cross-entropy) with fp32 weights under bf16 autocast and torch AdamW: the baseline.
+- ``nanogpt_compile``: the same under ``torch.compile`` of the whole model (nanoGPT's GPU default).
 - ``autocast``: our Transformer, fp32 weights, bf16 autocast, torch AdamW.
 - ``bf16_master``: our Transformer with bf16 weights and fp32 master weights in the optimizer
   (grads copied to fp32, AdamW on the masters, masters copied back): what a DeepSpeed bf16 engine
@@ -36,7 +37,7 @@ from pretrain.flops import flops_per_token, peak_flops_per_s
 from pretrain.model import Transformer
 
 _REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("nanogpt_autocast", "autocast", "bf16_master", "autocast_compile", "bf16_master_compile")
+VARIANTS = ("nanogpt_autocast", "nanogpt_compile", "autocast", "bf16_master", "autocast_compile", "bf16_master_compile")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,15 +141,18 @@ def parse_variant(spec: str, cfg: ModelConfig) -> tuple[str, ModelConfig]:
     return name, merged
 
 
-def build_step(spec: str, cfg: ModelConfig, fused_adamw: bool):
-    """Return (step_fn(batch) -> loss, model) for a variant spec."""
+def build_step(spec: str, cfg: ModelConfig, fused_adamw: bool, device: str = "cpu"):
+    """Return (step_fn(batch) -> loss, model) for a variant spec, with the model on ``device``."""
     variant, cfg = parse_variant(spec, cfg)
-    if variant == "nanogpt_autocast":
-        model = NanoGPT(cfg.vocab_size, cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.max_seq_len)
-        opt = _adamw(model.parameters(), fused=False)  # nanoGPT: fused only on CUDA
+    kind = torch.device(device).type
+    if variant.startswith("nanogpt"):
+        model = NanoGPT(cfg.vocab_size, cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.max_seq_len).to(device)
+        opt = _adamw(model.parameters(), fused=kind == "cuda")  # nanoGPT: fused AdamW on CUDA only
+        if variant == "nanogpt_compile":  # nanoGPT's GPU default: torch.compile of the whole model
+            model = torch.compile(model)
 
         def step(x, y):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(kind, dtype=torch.bfloat16):
                 loss = model(x, y)
             loss.backward()
             opt.step()
@@ -158,7 +162,7 @@ def build_step(spec: str, cfg: ModelConfig, fused_adamw: bool):
         return step, model
 
     compile_ = variant.endswith("_compile")
-    model = Transformer(dataclasses.replace(cfg, compile=compile_))
+    model = Transformer(dataclasses.replace(cfg, compile=compile_)).to(device)
     if variant.startswith("bf16_master"):
         model = model.to(torch.bfloat16)
         master = _MasterWeights(model, fused_adamw)
@@ -174,7 +178,7 @@ def build_step(spec: str, cfg: ModelConfig, fused_adamw: bool):
     opt = _adamw(model.parameters(), fused_adamw)
 
     def step(x, y):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(kind, dtype=torch.bfloat16):
             loss = model(x, labels=y)
         loss.backward()
         opt.step()
@@ -186,29 +190,32 @@ def build_step(spec: str, cfg: ModelConfig, fused_adamw: bool):
 
 def _flops_per_token(spec: str, cfg: ModelConfig, seq: int) -> float:
     variant, cfg = parse_variant(spec, cfg)
-    if variant == "nanogpt_autocast":  # its own shape: 4x GELU MLP, same attention and head
+    if variant.startswith("nanogpt"):  # its own shape: 4x GELU MLP, same attention and head
         d, L = cfg.d_model, cfg.n_layers
         return 6.0 * (L * 12 * d * d + cfg.vocab_size * d) + 12.0 * L * cfg.n_heads * (d // cfg.n_heads) * seq
     return flops_per_token(cfg, seq)
 
 
 def run_variants(variants: list[str], cfg: ModelConfig, batch: int, seq: int, warmup: int, steps: int,
-                 fused_adamw: bool, profile: str = "") -> list[dict]:
+                 fused_adamw: bool, profile: str = "", device: str = "cpu") -> list[dict]:
     """Time ``steps`` steps of every variant, interleaved step by step (A B C A B C ...).
 
     On a shared machine a neighbour's burst then hits every variant alike, so the ratios stay
-    meaningful even when the absolute numbers are noisy. Reports the median step time.
+    meaningful even when the absolute numbers are noisy. Reports the median step time. On CUDA
+    each timed step ends with a device synchronize, so the time is the kernels', not the launches'.
     """
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(device)
     inp, lab = x[:, :-1].contiguous(), x[:, 1:].contiguous()
     steps_fns, warm_s = {}, {}
     for v in variants:
         torch.manual_seed(0)
-        steps_fns[v], _ = build_step(v, cfg, fused_adamw)
+        steps_fns[v], _ = build_step(v, cfg, fused_adamw, device)
         t0 = time.perf_counter()
         for _ in range(warmup):
             steps_fns[v](inp, lab)
+        sync()
         warm_s[v] = time.perf_counter() - t0
     times: dict[str, list[float]] = {v: [] for v in variants}
     losses: dict[str, list[float]] = {v: [] for v in variants}
@@ -216,9 +223,10 @@ def run_variants(variants: list[str], cfg: ModelConfig, batch: int, seq: int, wa
         for v in variants:
             t0 = time.perf_counter()
             loss = steps_fns[v](inp, lab)
+            sync()
             times[v].append(time.perf_counter() - t0)
             losses[v].append(float(loss.detach()))
-    peak = peak_flops_per_s("cpu", "bf16")
+    peak = peak_flops_per_s(device, "bf16")
     results = []
     for v in variants:
         step_s = sorted(times[v])[len(times[v]) // 2]
@@ -231,11 +239,15 @@ def run_variants(variants: list[str], cfg: ModelConfig, batch: int, seq: int, wa
             "loss_first": round(losses[v][0], 4), "loss_last": round(losses[v][-1], 4),
         })
     if profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        cuda = torch.device(device).type == "cuda"
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=acts) as prof:
             for _ in range(2):
                 steps_fns[profile](inp, lab)
+            sync()
         print(f"# profile of {profile} (2 steps)", file=sys.stderr)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
     return results
 
 
@@ -251,10 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--no-fused-adamw", action="store_true", help="foreach AdamW instead of the fused CPU kernel")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when there is one)")
+    p.add_argument("--no-fused-adamw", action="store_true", help="foreach AdamW instead of the fused kernel")
     p.add_argument("--profile", default="", help="variant to profile (top ops to stderr)")
     p.add_argument("overrides", nargs="*", help="model.* dotlist overrides, e.g. model.attention=eager")
     args = p.parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {device}: no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides).model
@@ -264,15 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and args.profile not in variants:
         variants.append(args.profile)
     results = run_variants(variants, cfg, args.batch, args.seq, args.warmup, args.steps,
-                           fused_adamw=not args.no_fused_adamw, profile=args.profile)
+                           fused_adamw=not args.no_fused_adamw, profile=args.profile, device=device)
     for r in results:
         print(json.dumps(r), flush=True)
-    base = next((r for r in results if r["variant"] == "nanogpt_autocast"), None)
-    summary = {"threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq,
+    # The baseline is nanoGPT's fastest form that was run: compiled when it was.
+    by_name = {r["variant"]: r for r in results}
+    base = by_name.get("nanogpt_compile") or by_name.get("nanogpt_autocast")
+    summary = {"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+               "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq,
                "peak_flops": results[0]["peak_flops"],
                "tokens_per_s": {r["variant"]: r["tokens_per_s"] for r in results},
                "mfu": {r["variant"]: r["mfu"] for r in results}}
     if base:
+        summary["nanogpt_baseline"] = base["variant"]
         summary["speedup_vs_nanogpt"] = {r["variant"]: round(r["tokens_per_s"] / base["tokens_per_s"], 2) for r in results}
     print(json.dumps(summary), flush=True)
     return 0

@@ -541,6 +541,8 @@ def _log_setup(s: Session, monitor, flops_per_token, peak) -> None:
         "setup/params": total,
         "setup/param_numel_per_rank": [int(x.item()) for x in per_rank],
         "setup/world_size": info.world_size,
+        "setup/device": torch.cuda.get_device_name(info.device) if info.device.startswith("cuda") else "cpu",
+        "setup/backend": info.backend,
         "setup/global_batch_tokens": s.tokens_per_step,
         "setup/flops_per_token": flops_per_token,
         "setup/peak_flops_per_device": peak,
@@ -550,8 +552,8 @@ def _log_setup(s: Session, monitor, flops_per_token, peak) -> None:
         "setup/unscrubbed_sources": list(getattr(s.loader, "unscrubbed_sources", [])),
     }
     log.info(
-        "model %.2fM params; ZeRO-%d %s on %d rank(s); global batch %d x %d tokens = %d tokens/step",
-        total / 1e6, cfg.deepspeed.zero_stage, cfg.train.precision, info.world_size,
+        "model %.2fM params; ZeRO-%d %s on %d rank(s) (%s, %s); global batch %d x %d tokens = %d tokens/step",
+        total / 1e6, cfg.deepspeed.zero_stage, cfg.train.precision, info.world_size, row["setup/device"], info.backend,
         cfg.train.micro_batch_size * cfg.train.grad_accum_steps * info.world_size, cfg.data.seq_len, s.tokens_per_step,
     )
     monitor.log_setup(row)

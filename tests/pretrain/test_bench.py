@@ -36,3 +36,33 @@ def test_bench_prints_json_last_line_and_profile(tiny_data, tmp_path):
     assert 0.5 < sum(result["phase_frac"].values()) <= 1.01
     assert "aten::" in (run / "bench_profile.txt").read_text()
     assert not (run / "metrics.jsonl").exists()  # bench does not pose as a training run
+
+
+def test_bench_model_times_each_variant_and_compares_with_nanogpt(capsys):
+    """`python -m pretrain.bench_model`: one JSON line per variant, the summary last, on CPU."""
+    from pretrain.bench_model import main
+
+    assert main(["--config", str(REPO / "configs/model/tiny.yaml"), "--device", "cpu", "--batch", "2",
+                 "--seq", "32", "--warmup", "1", "--steps", "3",
+                 "--variants", "nanogpt_autocast,autocast[attention=eager]"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    rows, summary = lines[:-1], lines[-1]
+    assert [r["variant"] for r in rows] == ["nanogpt_autocast", "autocast[attention=eager]"]
+    for r in rows:
+        assert r["tokens_per_s"] == pytest.approx(2 * 32 / r["step_time_s"], rel=1e-2)
+        assert r["step_time_min_s"] <= r["step_time_s"]
+        assert r["loss_first"] == pytest.approx(9.01, abs=0.3)  # ln(8192): an untrained model
+    assert summary["device"] == "cpu" and summary["nanogpt_baseline"] == "nanogpt_autocast"
+    base = rows[0]["tokens_per_s"]
+    assert summary["speedup_vs_nanogpt"]["autocast[attention=eager]"] == round(rows[1]["tokens_per_s"] / base, 2)
+
+
+def test_bench_model_rejects_unknown_variant_and_missing_cuda():
+    from pretrain.bench_model import main
+
+    with pytest.raises(SystemExit, match="unknown variant 'fast'"):
+        main(["--variants", "fast"])
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            main(["--device", "cuda"])
+        assert e.value.code == 2

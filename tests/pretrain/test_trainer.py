@@ -57,6 +57,7 @@ def test_zero0_fp32_wandb_eval_and_skipped_nan(tiny_data, tmp_path):
     assert all(math.isclose(e["val/ppl"], math.exp(e["val/loss"]), rel_tol=1e-6) for e in evals)
     setup = metrics(run, "setup")[0]
     assert setup["setup/param_numel_per_rank"] == [setup["setup/params"]] * 2
+    assert setup["setup/device"] == "cpu" and setup["setup/backend"] == "gloo" and setup["setup/world_size"] == 2
     assert setup["setup/unscrubbed_sources"], "training on unscrubbed data must be recorded with the run"
     assert json.loads((run / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0
     assert (run / "loss_curve.png").stat().st_size > 1000
