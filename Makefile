@@ -8,7 +8,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint demo bench clean readme-config
+.PHONY: install test test-fast test-gpu lint demo bench clean readme-config
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ readme-config: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The CUDA paths (attention backends, compiled model, one-GPU trainer): on a GPU machine.
+test-gpu: install
+	$(PY) -m pytest -m gpu tests/pretrain/test_gpu.py $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check pretrain data_pipelines tests

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
-from pretrain.dist import strip_launcher_args
+from pretrain.dist import exit_process, strip_launcher_args
 from pretrain.errors import exit_on_user_error
 
 
@@ -89,11 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
-if __name__ == "__main__":
-    from pretrain.dist import exit_process
-
+def cli() -> NoReturn:
+    """The `pretrain` console script and `python -m pretrain`: main(), then exit_process (see there)."""
     try:
         status = main()
     except SystemExit as e:
         status = e.code
     exit_process(status)
+
+
+if __name__ == "__main__":
+    cli()

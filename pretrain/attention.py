@@ -140,7 +140,10 @@ def document_mask(backend: str, doc_ids: torch.Tensor) -> AttnMask:
         def same_doc_causal(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
 
-        return AttnMask("block", block=create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device))
+        # Compiled, the mask is built in one fused kernel instead of evaluating same_doc_causal
+        # over every [T x T] position in eager ops on each step.
+        block = create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device, _compile=True)
+        return AttnMask("block", block=block)
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     same = doc_ids[:, :, None] == doc_ids[:, None, :]
     return AttnMask("dense", dense=(same & causal)[:, None])

@@ -81,7 +81,7 @@ class ModelConfig:
     compile: bool = fld(False, "torch.compile each Transformer block (fuses RMSNorm, RoPE, SwiGLU; ~1.17x on the CPU bench shape, costs a one-time compile at start-up).")
     activation_checkpointing: str = fld("none", "Recompute activations in backward.", choices=("none", "full", "every_n"))
     checkpoint_every_n: int = fld(2, "With activation_checkpointing=every_n: checkpoint every n-th block.", ge=1)
-    loss_chunk_size: int = fld(512, "Tokens per chunk of the fused linear + cross-entropy: only [chunk x vocab] logits exist at a time (0 = plain F.cross_entropy over full fp32 logits, the reference).", ge=0)
+    loss_chunk_size: int | None = fld(None, "Tokens per chunk of the fused linear + cross-entropy: only [chunk x vocab] logits exist at a time (0 = plain F.cross_entropy over full fp32 logits, the reference; null = 4096 on CUDA, 512 on CPU, the faster size measured on each).", ge=0)
 
 
 @dataclass

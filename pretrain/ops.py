@@ -123,7 +123,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         h_all = hidden.to(compute_dtype)
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64 in tests
         valid = labels != IGNORE_INDEX
-        denom = max(int(valid.sum()), 1)
+        denom = valid.sum().clamp(min=1).to(acc_dtype)  # a tensor: no host sync in the forward pass
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(h_all) if want_h else None
         grad_weight = torch.zeros(w.shape, dtype=acc_dtype, device=w.device) if want_w else None

@@ -110,6 +110,18 @@ def test_model_with_doc_masking_matches_eager_on_cuda():
     assert err < 3e-2, f"logits relative error {err:.3g}"
 
 
+def test_loss_chunk_default_on_cuda(monkeypatch):
+    import pretrain.model as model_mod
+
+    seen = []
+    real = model_mod.chunked_cross_entropy
+    monkeypatch.setattr(model_mod, "chunked_cross_entropy", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    model = Transformer(_tiny_model_cfg()).to(CUDA)
+    idx = torch.randint(0, 512, (2, 65), device=CUDA)
+    model(idx[:, :-1], labels=idx[:, 1:])
+    assert seen == [model_mod.LOSS_CHUNK_CUDA] == [4096]
+
+
 def test_compiled_bf16_model_trains_on_cuda():
     """model.compile=true, bf16 weights, fused AdamW: same logits as uncompiled, and it learns."""
     torch.manual_seed(0)
@@ -181,7 +193,7 @@ wandb: {{mode: disabled}}
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
         return p
 
-    first = train(30)
+    train(30)
     from pretrain.monitor import read_metrics
 
     rows = read_metrics(run / "metrics.jsonl", "train")

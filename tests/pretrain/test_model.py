@@ -219,3 +219,18 @@ def test_compiled_blocks_match_eager_loss_and_grads():
     got = _grads(tiny(compile=True), x, y)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_loss_chunk_size_null_picks_the_device_default(monkeypatch):
+    """null = 512-token chunks on CPU (4096 on CUDA, checked in test_gpu.py); an explicit size wins."""
+    import pretrain.model as model_mod
+
+    seen = []
+    real = model_mod.chunked_cross_entropy
+    monkeypatch.setattr(model_mod, "chunked_cross_entropy",
+                        lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    idx = torch.randint(0, 97, (2, 9))
+    loss_auto = _model(tiny(loss_chunk_size=None))(idx, labels=idx)
+    loss_ref = _model(tiny(loss_chunk_size=0))(idx, labels=idx)
+    assert seen == [model_mod.LOSS_CHUNK_CPU, 0] and model_mod.LOSS_CHUNK_CPU == 512
+    torch.testing.assert_close(loss_auto, loss_ref)
