@@ -38,15 +38,26 @@ def special_tokens(manifest: dict | None = None) -> list[str]:
 
 
 def _documents(source, max_docs: int) -> Iterator[str]:
-    n = 0
-    for chunk_id in range(len(source.chunks)):
+    """Every document, or with ``max_docs`` exactly that many spread evenly over the whole corpus.
+
+    Systematic sampling by global row index: the first N documents would train the vocabulary on
+    the first shards alone (one source, one period of a crawl). Row g is picked when
+    floor((g + 1) * m / total) steps past floor(g * m / total); chunks holding no picked row are
+    never read.
+    """
+    total = source.rows
+    m = total if not max_docs or max_docs >= total else max_docs
+    first = 0  # global index of the chunk's first row
+    for chunk_id, chunk in enumerate(source.chunks):
+        n = chunk.end - chunk.start
+        if (first + n) * m // total == first * m // total:
+            first += n
+            continue  # nothing picked in this chunk
         _, texts = source.read_chunk(chunk_id)
-        for text in texts:
-            if isinstance(text, str) and text:
+        for g, text in enumerate(texts, start=first):
+            if (g + 1) * m // total != g * m // total and isinstance(text, str) and text:
                 yield text
-                n += 1
-                if max_docs and n >= max_docs:
-                    return
+        first += n
 
 
 def build_bpe(vocab_size: int, min_frequency: int, specials: list[str]):

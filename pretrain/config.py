@@ -114,7 +114,7 @@ class TokenizerConfig:
     output: str = fld("artifacts/tokenizer", "Directory for tokenizer.json.")
     vocab_size: int = fld(8192, "BPE vocabulary size, special tokens included.", ge=256)
     min_frequency: int = fld(2, "Minimum pair frequency for a merge.", ge=1)
-    max_docs: int = fld(0, "Train on at most this many documents (0 = all).", ge=0)
+    max_docs: int = fld(0, "Train on this many documents spread evenly over all shards (0 = all).", ge=0)
 
 
 @dataclass

@@ -120,3 +120,18 @@ def test_cli_train_tokenizer(scrubbed, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert load_tokenizer(tmp_path).get_vocab_size() <= 300
+
+
+def test_max_docs_samples_evenly_across_the_corpus_and_skips_unpicked_chunks(scrubbed):
+    """Not the first N documents: every part of the corpus is represented, exactly N in all."""
+    from data_pipelines.sources import Source
+    from data_pipelines.tokenizer import _documents
+
+    source = Source("t", str(scrubbed), 1.0, "text", "tokenizer.input", True, chunk_docs=8)
+    read, real_read = [], source.read_chunk
+    source.read_chunk = lambda c: read.append(c) or real_read(c)
+    picked = list(_documents(source, 4))
+    assert picked == [_text(i) for i in (19, 39, 59, 79)]
+    assert read == [2, 4, 7, 9]  # only the chunks (of 8 rows) that hold a picked row
+    assert len(list(_documents(source, 30))) == 30
+    assert list(_documents(source, 0)) == list(_documents(source, 1000)) == [_text(i) for i in range(80)]
