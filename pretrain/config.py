@@ -268,6 +268,7 @@ class DeepSpeedConfig:
     allgather_bucket_size: int = fld(50_000_000, "Elements per all-gather bucket.", ge=1)
     stage3_prefetch_bucket_size: int = fld(50_000_000, "ZeRO-3: elements prefetched.", ge=1)
     stage3_param_persistence_threshold: int = fld(100_000, "ZeRO-3: parameters smaller than this stay unpartitioned.", ge=0)
+    zero3_init: bool = fld(True, "ZeRO-3: build the model already partitioned (deepspeed.zero.Init), so no rank ever holds all of it; false = build it whole, then partition.")
     fp16_initial_scale_power: int = fld(16, "fp16: initial loss scale is 2**this.", ge=0)
     extra: dict[str, Any] = fld({}, "Passthrough: merged last into the generated DeepSpeed config (advanced keys).")
 

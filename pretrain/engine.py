@@ -22,6 +22,7 @@ the same ``overflow`` / ``_global_grad_norm`` attributes DeepSpeed reads from it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -230,6 +231,19 @@ def schedule_horizon(cfg: Config, dp_world: int) -> int:
 # --------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------
+
+
+def model_init_context(cfg: Config, info) -> contextlib.AbstractContextManager:
+    """Where to build the model: under ZeRO-3 (with ``deepspeed.zero3_init``) inside
+    ``deepspeed.zero.Init``, which partitions each module's parameters as soon as it is built, so
+    a model larger than one device (or one host's memory, counted over its ranks) can be built at
+    all; otherwise a no-op."""
+    if cfg.deepspeed.zero_stage != 3 or not cfg.deepspeed.zero3_init:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    conf = deepspeed_config(cfg, info.world_size, on_cuda=info.device.startswith("cuda"))
+    return deepspeed.zero.Init(config_dict_or_path=conf, remote_device="cpu" if cfg.deepspeed.offload_params else None)
 
 
 def build_engine(cfg: Config, model, info, run_dir: str | os.PathLike | None):

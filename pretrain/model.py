@@ -13,6 +13,7 @@ is a renaming with no permutation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -169,6 +170,17 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - last_start
 
 
+def _whole(p: torch.Tensor):
+    """The full tensor of ``p`` for the duration of the block: a parameter that
+    ``deepspeed.zero.Init`` (ZeRO-3) has already partitioned is gathered one at a time, written on
+    every rank from the same seed, and re-partitioned with rank 0's values; any other is itself."""
+    if not hasattr(p, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -197,12 +209,13 @@ class Transformer(nn.Module):
         (GPT-2)."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
-            else:
-                nn.init.normal_(p, 0.0, std)
+            with _whole(p):
+                if name.endswith("norm.weight"):
+                    nn.init.ones_(p)
+                elif name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
+                    nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+                else:
+                    nn.init.normal_(p, 0.0, std)
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -28,6 +28,7 @@ divergence on one rank.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -137,7 +138,7 @@ def seed_everything(seed: int) -> None:
 def setup(cfg: Config, write_run_files: bool = True) -> Session:
     """Process group, tokenizer, loader, model and engine, identical for train and bench."""
     from pretrain.dist import init_distributed, select_accelerator
-    from pretrain.engine import build_engine, check_device_support
+    from pretrain.engine import build_engine, check_device_support, model_init_context
 
     check_device_support(cfg, select_accelerator())
     info = init_distributed()
@@ -155,9 +156,11 @@ def setup(cfg: Config, write_run_files: bool = True) -> Session:
     from pretrain.model import Transformer
 
     seed_everything(cfg.run.seed)  # same init on every rank
-    model = Transformer(cfg.model)
-    if info.device != "cpu":
-        model = model.to(info.device)
+    init_context = model_init_context(cfg, info)
+    with init_context:
+        model = Transformer(cfg.model)
+    if info.device != "cpu" and isinstance(init_context, contextlib.nullcontext):
+        model = model.to(info.device)  # (zero.Init already placed its partitions)
     engine, _ = build_engine(cfg, model, info, run_dir if write_run_files else None)
     torch.manual_seed(cfg.run.seed + 1 + info.rank)  # per-rank stream for anything stochastic after init
     t = cfg.train

@@ -138,3 +138,39 @@ def test_extra_may_not_fork_a_setting_the_config_owns(key, owner):
     with pytest.raises(ConfigError, match=rf"deepspeed.extra.{key.split('=')[0].split('.type')[0]} is derived from {owner}"):
         cfg_with(f"deepspeed.extra.{key}")
     cfg_with("deepspeed.extra.zero_optimization.round_robin_gradients=true")  # a key the config does not own
+
+
+def test_model_init_context_only_under_zero3_with_zero3_init():
+    import contextlib
+    from types import SimpleNamespace
+
+    from pretrain.engine import model_init_context
+
+    info = SimpleNamespace(world_size=1, device="cpu")
+    for over in (["deepspeed.zero_stage=2"], ["deepspeed.zero_stage=3", "deepspeed.zero3_init=false"]):
+        assert isinstance(model_init_context(load_config(None, over), info), contextlib.nullcontext), over
+
+
+@pytest.mark.slow
+def test_zero3_init_builds_the_same_model_partitioned(tmp_path):
+    """2 ranks: under deepspeed.zero.Init each rank holds half the parameters, and after gathering
+    every parameter equals the one built whole from the same seed (our init survives partitioning)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from _trainer_helpers import free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DS_ACCELERATOR")}
+    env["OMP_NUM_THREADS"] = "1"
+    script = Path(__file__).resolve().parent / "_zero3_init.py"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path)],
+                       capture_output=True, text=True, timeout=240, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in rows:
+        assert r["partitioned"] and r["differ"] == [], r
+        assert r["local"] == r["total"] // 2, r
