@@ -204,7 +204,8 @@ def run_variants(variants: list[str], cfg: ModelConfig, batch: int, seq: int, wa
     meaningful even when the absolute numbers are noisy. Reports the median step time. On CUDA
     each timed step ends with a device synchronize, so the time is the kernels', not the launches'.
     """
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(device)
     inp, lab = x[:, :-1].contiguous(), x[:, 1:].contiguous()
@@ -239,7 +240,6 @@ def run_variants(variants: list[str], cfg: ModelConfig, batch: int, seq: int, wa
             "loss_first": round(losses[v][0], 4), "loss_last": round(losses[v][-1], 4),
         })
     if profile:
-        cuda = torch.device(device).type == "cuda"
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(2):

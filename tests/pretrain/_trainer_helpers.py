@@ -70,6 +70,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_torchrun_script(script: Path, args: list[str], nproc: int = 2, timeout: int = TIMEOUT) -> None:
+    """Run a test script under torchrun on 127.0.0.1 (one thread per rank, launcher variables
+    cleared so DeepSpeed picks its accelerator by itself); fails the test on a non-zero exit."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DS_ACCELERATOR")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-4000:]
+
+
 def command(config: Path, overrides: list[str], nproc: int) -> list[str]:
     if nproc == 1:
         return [PY, "-m", "pretrain", "train", str(config), *overrides]

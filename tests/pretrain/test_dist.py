@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _trainer_helpers import free_port
+from _trainer_helpers import run_torchrun_script
 
 from pretrain.dist import strip_launcher_args
 
@@ -27,12 +27,7 @@ def test_strip_launcher_args(monkeypatch):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_zero2_on_cpu(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(HERE / "_zero2_toy.py"), "30", str(tmp_path)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run_torchrun_script(HERE / "_zero2_toy.py", ["30", str(tmp_path)])
     rows = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in rows) == [0, 1]
     for r in rows:

@@ -156,20 +156,11 @@ def test_zero3_init_builds_the_same_model_partitioned(tmp_path):
     """2 ranks: under deepspeed.zero.Init each rank holds half the parameters, and after gathering
     every parameter equals the one built whole from the same seed (our init survives partitioning)."""
     import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from _trainer_helpers import free_port
+    from _trainer_helpers import run_torchrun_script
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DS_ACCELERATOR")}
-    env["OMP_NUM_THREADS"] = "1"
-    script = Path(__file__).resolve().parent / "_zero3_init.py"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path)],
-                       capture_output=True, text=True, timeout=240, env=env)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    run_torchrun_script(Path(__file__).resolve().parent / "_zero3_init.py", [str(tmp_path)], timeout=240)
     rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in rows:
         assert r["partitioned"] and r["differ"] == [], r
