@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.errors import UserError
-from pretrain.fileio import write_text_atomic
+from pretrain.fileio import sha256_file, write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -42,14 +42,6 @@ REQUIRED_KEYS = ("format_version", "config_hash", "shards", "documents", "pii", 
 
 class ManifestError(UserError):
     """A scrub output directory whose manifest is missing, corrupt or does not match its shards."""
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def config_hash(section: Any) -> str:
@@ -67,7 +59,7 @@ def shard_name(rank: int, index: int, fmt: str) -> str:
 def shard_entry(directory: str | os.PathLike, rel_path: str, docs: int) -> dict:
     """The manifest record of one finished shard file (size and sha256 taken from disk)."""
     p = Path(directory) / rel_path
-    return {"path": rel_path, "docs": int(docs), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
+    return {"path": rel_path, "docs": int(docs), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
 
 
 
@@ -138,7 +130,7 @@ def read_manifest(directory: str | os.PathLike, verify: str = "size") -> dict:
         size = shard.stat().st_size
         if size != s["bytes"]:
             raise ManifestError(f"{shard} has {size} bytes but {path} records {s['bytes']}: the shard changed or is truncated")
-        if verify == "sha256" and file_sha256(shard) != s["sha256"]:
+        if verify == "sha256" and sha256_file(shard) != s["sha256"]:
             raise ManifestError(f"{shard} does not match the sha256 recorded in {path}: the shard was modified")
     return m
 
@@ -148,3 +140,29 @@ def shard_files(directory: str | os.PathLike, verify: str = "size") -> list[Path
     directory = Path(directory)
     m = read_manifest(directory, verify=verify)
     return [(directory / s["path"]).resolve() for s in m["shards"]]
+
+
+def source_summary(name: str, path: str | os.PathLike) -> dict[str, Any]:
+    """What the scrub did to one training source, for run records (checkpoints, wandb).
+
+    Never raises: a source without a manifest (``data.require_scrubbed=false``) or with an
+    unreadable one is recorded as such, since the privacy gate has already decided by then.
+    """
+    m = Path(path) / MANIFEST_NAME
+    entry: dict[str, Any] = {"source": name, "path": str(Path(path).resolve()), "manifest": None}
+    if not m.is_file():
+        entry["manifest_status"] = "none (data.require_scrubbed=false)"
+        return entry
+    entry["manifest"] = str(m.resolve())
+    try:
+        entry["sha256"] = sha256_file(m)
+        data = json.loads(m.read_text())
+    except (OSError, ValueError) as e:
+        entry["manifest_status"] = f"unreadable: {e}"
+        return entry
+    entry["manifest_status"] = "ok"
+    entry["config_hash"] = data.get("config_hash")
+    entry["documents"] = data.get("documents", {})
+    entry["pii_counts"] = data.get("pii", {}).get("counts", {})
+    entry["filters"] = data.get("filters", {})
+    return entry

@@ -19,7 +19,6 @@ different world size simply continues from the same global index (elastic by con
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from torch.utils.data import IterableDataset
 from data_pipelines.packing import make_batch
 from data_pipelines.sources import is_heldout, open_sources
 from pretrain.errors import UserError
-from pretrain.fileio import write_text_atomic
+from pretrain.fileio import sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +46,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 2**16 else np.dtype(np.uint32)
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def pretokenize(cfg) -> int:
     """`python -m data_pipelines pretokenize`: data.sources -> data.pretokenized_dir."""
     from data_pipelines.stream import _heldout_fraction, _tokenizer_and_eos
@@ -61,12 +56,12 @@ def pretokenize(cfg) -> int:
     tok, eos = _tokenizer_and_eos(cfg, None)
     dtype = token_dtype(tok.get_vocab_size())
     frac = _heldout_fraction(cfg)
-    tok_sha = _sha256(tok.source_path)
+    tok_sha = sha256_file(tok.source_path)
     wanted = {
         "tokenizer_sha256": tok_sha,
         "heldout_fraction": frac,
         "sources": [{"name": s.name, "path": str(Path(s.path).resolve()),
-                     "manifest_sha256": _sha256(Path(s.path) / "manifest.json") if s.scrubbed else None}
+                     "manifest_sha256": sha256_file(Path(s.path) / "manifest.json") if s.scrubbed else None}
                     for s in sources],
     }
     index_path = out / INDEX_NAME
@@ -168,7 +163,7 @@ def _check_pretokenized_sources(d, index: dict, root: Path) -> list[str]:
                             f"{s['path']}; rerun `python -m data_pipelines pretokenize`")
         if s.get("manifest_sha256"):
             manifest = Path(s["path"]) / "manifest.json"
-            if not manifest.is_file() or _sha256(manifest) != s["manifest_sha256"]:
+            if not manifest.is_file() or sha256_file(manifest) != s["manifest_sha256"]:
                 raise UserError(f"{manifest} changed or is missing since {root} was pretokenized (the scrub was "
                                 "redone); rerun `python -m data_pipelines pretokenize`")
         elif d.require_scrubbed:
@@ -195,7 +190,7 @@ class PretokenizedLoader:
                             "`python -m data_pipelines pretokenize` first") from None
         except ValueError as e:
             raise UserError(f"data.pretokenized_dir: {root / INDEX_NAME} is corrupt: {e}") from None
-        if Path(d.tokenizer).is_file() and _sha256(d.tokenizer) != self.index["tokenizer_sha256"]:
+        if Path(d.tokenizer).is_file() and sha256_file(d.tokenizer) != self.index["tokenizer_sha256"]:
             raise UserError(f"data.pretokenized_dir ({root}) was written with another tokenizer than data.tokenizer "
                             f"({d.tokenizer}); rerun `python -m data_pipelines pretokenize`")
         if self.index["vocab_size"] > cfg.model.vocab_size:

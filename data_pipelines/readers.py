@@ -39,6 +39,7 @@ from pathlib import Path
 
 from data_pipelines.filters.normalize import repair_utf8
 from pretrain.errors import UserError
+from pretrain.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +130,15 @@ def resolve_inputs(cfg) -> list[InputUnit]:
 
 def input_info(unit: InputUnit) -> dict:
     """Manifest entry of an input: path, size and a content fingerprint (sha256 of local files)."""
-    from data_pipelines.manifest import file_sha256
 
     if unit.kind == "enwiki":
         path = enwiki_path()
-        return {"input": unit.path, "path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        return {"input": unit.path, "path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
     if unit.kind == "hf":
         name = f"hf:{unit.path}" + (f":{unit.config}" if unit.config else "")
         return {"input": name, "part": f"{unit.part}/{unit.parts}", "bytes": None, "sha256": None}
     p = Path(unit.path)
-    return {"input": unit.path, "path": unit.path, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
+    return {"input": unit.path, "path": unit.path, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
 
 
 def _corrupt_file_errors() -> tuple[type[BaseException], ...]:

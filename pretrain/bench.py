@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def bench(cfg: Config) -> int:
+    from data_pipelines.loaders import Prefetcher
     from pretrain.monitor import flops_and_peak, memory_bytes
-    from pretrain.trainer import Prefetcher, agree, setup, train_step
+    from pretrain.trainer import agree, setup, train_step
 
     s = setup(cfg, write_run_files=False)
     info, engine, t = s.info, s.engine, cfg.train

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -44,8 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from data_pipelines.loaders import reshard_states, source_summaries
 from pretrain.errors import UserError
-from pretrain.fileio import fsync_dir, write_json_atomic, write_text_atomic
+from pretrain.fileio import fsync_dir, sha256_file, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -121,20 +121,6 @@ def _point_latest(ckpt_dir: Path, name: str) -> None:
         write_text_atomic(path, name + "\n")
     except OSError as e:
         log.warning("could not update %s (%s); resume finds %s by its marker anyway", path, e, name)
-
-
-def sha256_file(path: str | os.PathLike, fsync: bool = False) -> str:
-    """sha256 of a file; with fsync=True also flush it to disk (we read it anyway)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-        if fsync:
-            try:
-                os.fsync(f.fileno())
-            except OSError:
-                pass
-    return h.hexdigest()
 
 
 def _payload_files(step_dir: Path) -> list[str]:
@@ -440,29 +426,6 @@ def _maybe_fault(point: str, step: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Scrub manifest references (what data the run saw)
-# --------------------------------------------------------------------------------------------
-
-
-def _manifest_refs(cfg: Config) -> list[dict]:
-    refs = []
-    for src in list(cfg.data.sources) + list(cfg.data.validation):
-        m = Path(src.path) / "manifest.json"
-        ref: dict = {"source": src.name, "path": str(Path(src.path).resolve()), "manifest": None}
-        if m.is_file():
-            ref["manifest"] = str(m.resolve())
-            ref["sha256"] = sha256_file(m)
-            try:
-                data = json.loads(m.read_text())
-                ref["config_hash"] = data.get("config_hash")
-                ref["documents"] = data.get("documents")
-            except ValueError:
-                pass
-        refs.append(ref)
-    return refs
-
-
-# --------------------------------------------------------------------------------------------
 # The Checkpointer the trainer drives
 # --------------------------------------------------------------------------------------------
 
@@ -614,7 +577,7 @@ class Checkpointer:
                 "model": to_dict(self.cfg)["model"],
                 "tokenizer": tok,
                 "tokenizer_source": str(Path(self.tokenizer_path).resolve()) if self.tokenizer_path else None,
-                "scrub_manifests": _manifest_refs(self.cfg),
+                "scrub_manifests": source_summaries(self.cfg),
                 "versions": versions,
             },
         )
@@ -755,11 +718,9 @@ class Checkpointer:
         if saved_world == world and saved_workers in (None, workers):
             loader_state = states[rank]
         else:
-            reshard_states = self.reshard
-            if reshard_states is None:
-                from data_pipelines.stream import reshard_states
+            reshard = self.reshard or reshard_states
             resharded = all(s is not None for s in states)
-            loader_state = reshard_states(states, world, self.cfg.data.num_workers)[rank] if resharded else None
+            loader_state = reshard(states, world, self.cfg.data.num_workers)[rank] if resharded else None
             log.info("elastic resume: %d -> %d data-parallel ranks, %s -> %d loader streams per rank (loader state "
                      "resharded)", saved_world, world, saved_workers, workers)
         # Bitwise continuation is impossible across world sizes anyway (other batch split); keep

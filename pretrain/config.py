@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.errors import ConfigError
+from pretrain.fileio import write_text_atomic
 
 # --------------------------------------------------------------------------------------------
 # Field helper: default + help + range, in one place.
@@ -184,6 +185,13 @@ class BiasConfig:
     disparity_threshold: float = fld(2.0, "Flag a group whose removal rate is this many times a filter's overall rate.", gt=0)
     min_docs: int = fld(10, "Flag a group only when at least this many documents mentioning it reached the filter.", ge=1)
     counterfactual_rate: float = fld(0.0, "Fraction of kept documents given a gendered-term swap (0 = off).", ge=0, le=1)
+
+
+# The PII types the scrub knows, in priority order: where detections of different types overlap,
+# the earlier type wins (a secret inside a URL beats the URL's credentials; credentials in a URL
+# beat an email-looking ``pass@host``; a checksum-validated IBAN or card beats a phone-shaped digit
+# run). The schema owns the list so validation needs no import from data_pipelines.
+PII_TYPES: tuple[str, ...] = ("secret", "url_credentials", "email", "iban", "credit_card", "ssn", "ip", "phone")
 
 
 @dataclass
@@ -390,9 +398,7 @@ def cross_field_problems(cfg: Config, world_size: int | None = None) -> list[str
     names = [s.name for s in d.sources]
     for name in sorted({n for n in names if names.count(n) > 1}):
         p.append(f"data.sources: the name '{name}' is used by sources {[i for i, n in enumerate(names) if n == name]}; names must be unique (loader state and pretokenized shards are keyed by name)")
-    # PII rules (pii_types is a constants-only module, light to import).
-    from data_pipelines.filters.pii_types import PII_TYPES
-
+    # PII rules.
     unknown_pii = [x for x in cfg.scrub.pii.types if x not in PII_TYPES]
     if unknown_pii:
         p.append(f"scrub.pii.types: unknown type(s) {unknown_pii}; expected any of {', '.join(PII_TYPES)}")
@@ -650,8 +656,6 @@ def to_dict(cfg: Config) -> dict:
 
 def save_resolved(cfg: Config, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the fully resolved config into the run directory (atomically)."""
-    from pretrain.fileio import write_text_atomic
-
     return write_text_atomic(Path(run_dir) / name, to_yaml(cfg))
 
 

@@ -1,4 +1,4 @@
-"""Crash-safe small-file writes shared by both packages.
+"""Crash-safe small-file writes and file fingerprints shared by both packages.
 
 Markers, manifests, reports, configs and checkpoint metadata are written to a temporary file in
 the same directory, flushed to disk and renamed over the target: a reader (or a run resumed after
@@ -7,6 +7,7 @@ a kill) sees the old file or the whole new one, never a torn one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -50,3 +51,21 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) ->
     dumps_kwargs.setdefault("indent", 1)
     dumps_kwargs.setdefault("sort_keys", True)
     return write_text_atomic(path, json.dumps(obj, **dumps_kwargs) + "\n")
+
+
+def sha256_file(path: str | os.PathLike, fsync: bool = False) -> str:
+    """sha256 of a file, read in 4 MiB blocks (never whole into memory).
+
+    With ``fsync=True`` the file is also flushed to disk: a checkpoint save hashes every file it
+    wrote anyway, so the flush costs no second pass.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+        if fsync:
+            try:
+                os.fsync(f.fileno())
+            except OSError:
+                pass
+    return h.hexdigest()

@@ -19,8 +19,8 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
+from data_pipelines.loaders import source_summaries
 from pretrain.config import Config, to_dict
 
 log = logging.getLogger(__name__)
@@ -103,28 +103,6 @@ def resolve_wandb_mode(mode: str) -> str:
     return mode
 
 
-def manifest_summaries(cfg: Config) -> list[dict]:
-    """What the scrub did to each training source: documents kept/dropped and PII counts."""
-    out = []
-    for src in cfg.data.sources:
-        path = Path(src.path) / "manifest.json"
-        entry: dict[str, Any] = {"source": src.name, "path": str(src.path)}
-        if path.is_file():
-            try:
-                m = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                entry["manifest"] = f"unreadable: {e}"
-            else:
-                entry["documents"] = m.get("documents", {})
-                entry["pii_counts"] = m.get("pii", {}).get("counts", {})
-                entry["filters"] = m.get("filters", {})
-                entry["config_hash"] = m.get("config_hash")
-        else:
-            entry["manifest"] = "none (data.require_scrubbed=false)"
-        out.append(entry)
-    return out
-
-
 class WandbLogger:
     """One wandb run per training run; a resumed run continues it (same id, resume='allow')."""
 
@@ -134,7 +112,7 @@ class WandbLogger:
         self.mode = resolve_wandb_mode(cfg.wandb.mode)
         self.run_id = run_id or uuid.uuid4().hex[:12]  # wandb ids: [a-z0-9]
         config = to_dict(cfg)
-        config["data_manifests"] = manifest_summaries(cfg)
+        config["data_manifests"] = source_summaries(cfg)
         wb_dir = run_dir / "wandb"
         wb_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(

@@ -32,7 +32,6 @@ import contextlib
 import logging
 import math
 import os
-import queue
 import random
 import signal
 import threading
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_pipelines.loaders import Prefetcher, build_train_loader, build_val_loader, load_tokenizer
 from pretrain.config import Config, save_resolved
 from pretrain.errors import UserError
 
@@ -49,62 +49,6 @@ log = logging.getLogger(__name__)
 EXIT_NONFINITE = 3
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "doc_ids")
 INJECT_NAN_ENV = "PRETRAIN_INJECT_NAN_STEPS"
-
-
-# --------------------------------------------------------------------------------------------
-# Data: a background prefetcher that keeps the loader state of each batch it hands out
-# --------------------------------------------------------------------------------------------
-
-
-class Prefetcher:
-    """Pulls batches from ``loader`` in a thread, ``depth`` ahead of the loop.
-
-    The loader's state is captured right after each batch is produced, in the same thread, and
-    travels with the batch; :attr:`state` is the state *after the last batch the loop consumed*,
-    which is what a checkpoint must store (not the state of the prefetched ones).
-    """
-
-    _DONE = object()
-
-    def __init__(self, loader, depth: int = 4):
-        self.loader = loader
-        self.state: dict | None = loader.state_dict()
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="batch-prefetch", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for batch in self.loader:
-                item = (batch, self.loader.state_dict())
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-            self._q.put((self._DONE, None))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consuming thread
-            self._q.put((e, None))
-
-    def next(self) -> dict:
-        item, state = self._q.get()
-        if item is self._DONE:
-            raise UserError("the training loader ended; it must be endless (data.sources yielded no more batches)")
-        if isinstance(item, BaseException):
-            raise item
-        self.state = state
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        close = getattr(self.loader, "close", None)  # DataLoader worker processes
-        if close is not None and not self._thread.is_alive():
-            close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,8 +91,6 @@ def setup(cfg: Config, write_run_files: bool = True) -> Session:
         save_resolved(cfg, run_dir)
 
     tokenizer, tokenizer_path = _load_tokenizer(cfg)
-    from data_pipelines.stream import build_train_loader
-
     loader = build_train_loader(cfg, info.rank, info.world_size, tokenizer=tokenizer)
 
     import torch
@@ -173,8 +115,6 @@ def _load_tokenizer(cfg: Config):
     path = cfg.data.tokenizer
     if cfg.data.mode == "pretokenized" and not Path(path).is_file():
         return None, None
-    from data_pipelines.tokenizer import load_tokenizer
-
     return load_tokenizer(path), str(path)
 
 
@@ -263,8 +203,6 @@ def evaluate(session: Session) -> dict | None:
     cfg, info, engine = session.cfg, session.info, session.engine
     if session.val_cache is None:
         from itertools import islice
-
-        from data_pipelines.stream import build_val_loader
 
         val = build_val_loader(cfg, info.rank, info.world_size, tokenizer=session.tokenizer)
         session.val_cache = [_to_device(b, info.device) for b in islice(iter(val), cfg.train.eval_batches)]

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from data_pipelines.loaders import source_summaries
 from data_pipelines.manifest import (
     MANIFEST_NAME,
     ManifestError,
@@ -12,6 +13,7 @@ from data_pipelines.manifest import (
     shard_name,
     write_manifest,
 )
+from pretrain.config import load_config
 from pretrain.errors import UserError
 
 
@@ -107,3 +109,18 @@ def test_shard_path_must_stay_inside(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(m))
     with pytest.raises(ManifestError, match="must be relative"):
         read_manifest(tmp_path)
+
+
+def test_source_summaries_record_scrub_results_and_unscrubbed_sources(tmp_path):
+    scrubbed = tmp_path / "scrubbed"
+    scrubbed.mkdir()
+    (scrubbed / "manifest.json").write_text(json.dumps({
+        "documents": {"read": 10, "kept": 7, "dropped": 3},
+        "pii": {"placeholders": {"email": "<|email|>"}, "counts": {"email": 4}},
+        "filters": {"pii": "1"}, "config_hash": "abc",
+    }))
+    cfg = load_config(None, [f"data.sources=[{{name: a, path: {scrubbed}}}, {{name: b, path: {tmp_path / 'raw.jsonl'}}}]"])
+    a, b = source_summaries(cfg)
+    assert a["documents"]["dropped"] == 3 and a["pii_counts"] == {"email": 4}
+    assert a["manifest_status"] == "ok" and a["config_hash"] == "abc" and len(a["sha256"]) == 64
+    assert b["manifest"] is None and "require_scrubbed=false" in b["manifest_status"]

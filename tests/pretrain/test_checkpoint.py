@@ -23,6 +23,7 @@ import pretrain.checkpoint as ck
 from pretrain.checkpoint import MARKER, Checkpointer, CheckpointError, TrainState
 from pretrain.config import load_config
 from pretrain.dist import DistInfo
+from pretrain.fileio import sha256_file
 
 INFO = DistInfo(rank=0, local_rank=0, world_size=1, backend="gloo", device="cpu")
 
@@ -81,7 +82,7 @@ def test_save_layout_marker_and_latest(tmp_path):
     assert set(marker["files"]) >= {"engine/mp_rank_00_model_states.pt", "rank_00000.json", "meta.json",
                                     "config.yaml", "tokenizer.json"}
     for rel, info in marker["files"].items():  # every recorded hash is the file's real hash
-        assert ck.sha256_file(path / rel) == info["sha256"] and (path / rel).stat().st_size == info["size"]
+        assert sha256_file(path / rel) == info["sha256"] and (path / rel).stat().st_size == info["size"]
     assert (path / "tokenizer.json").read_text() == tok.read_text()
     meta = json.loads((path / "meta.json").read_text())
     assert meta["world_size"] == 1 and meta["step"] == 2 and meta["model"]["n_layers"] == c.cfg.model.n_layers
@@ -266,7 +267,7 @@ def test_due_by_steps_and_wall_clock(tmp_path, monkeypatch):
 def _forge_marker(step_dir: Path) -> None:
     """Rewrite the marker so its sizes and hashes match whatever lies in step_dir now."""
     marker = json.loads((step_dir / MARKER).read_text())
-    marker["files"] = {rel: {"size": (step_dir / rel).stat().st_size, "sha256": ck.sha256_file(step_dir / rel)}
+    marker["files"] = {rel: {"size": (step_dir / rel).stat().st_size, "sha256": sha256_file(step_dir / rel)}
                        for rel in ck._payload_files(step_dir)}
     (step_dir / MARKER).write_text(json.dumps(marker))
 

@@ -6,7 +6,6 @@ from pretrain.config import load_config
 from pretrain.monitor import (
     Monitor,
     Throughput,
-    manifest_summaries,
     plot_loss_curve,
     read_metrics,
     resolve_wandb_mode,
@@ -60,20 +59,6 @@ def test_plot_loss_curve(tmp_path):
                  + "\n" + json.dumps({"kind": "eval", "step": 20, "val/loss": 6.5}) + "\n")
     out = plot_loss_curve(p, tmp_path / "loss.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_manifest_summaries(tmp_path):
-    scrubbed = tmp_path / "scrubbed"
-    scrubbed.mkdir()
-    (scrubbed / "manifest.json").write_text(json.dumps({
-        "documents": {"read": 10, "kept": 7, "dropped": 3},
-        "pii": {"placeholders": {"email": "<|email|>"}, "counts": {"email": 4}},
-        "filters": {"pii": "1"}, "config_hash": "abc",
-    }))
-    cfg = load_config(None, [f"data.sources=[{{name: a, path: {scrubbed}}}, {{name: b, path: {tmp_path / 'raw.jsonl'}}}]"])
-    a, b = manifest_summaries(cfg)
-    assert a["documents"]["dropped"] == 3 and a["pii_counts"] == {"email": 4}
-    assert "none" in b["manifest"]
 
 
 def test_monitor_rank0_writes_jsonl_other_ranks_nothing(tmp_path):
