@@ -19,17 +19,50 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from data_pipelines.loaders import Prefetcher
 from pretrain.config import Config
+from pretrain.engine import param_counts
+from pretrain.monitor import flops_and_peak, memory_bytes
+from pretrain.trainer import agree, setup, train_step
 
 log = logging.getLogger(__name__)
 
 
-def bench(cfg: Config) -> int:
-    from data_pipelines.loaders import Prefetcher
-    from pretrain.monitor import flops_and_peak, memory_bytes
-    from pretrain.trainer import agree, setup, train_step
+class PhaseTimer:
+    """Wraps the engine for :func:`pretrain.trainer.train_step` and adds up the seconds spent in
+    forward, backward and optimizer step (synchronizing CUDA around each phase, which is why
+    training does not use it)."""
 
+    def __init__(self, engine: Any, device: str):
+        self.engine, self.device = engine, device
+        self.seconds: dict[str, float] = {}
+
+    def _timed(self, phase: str, fn, *args, **kwargs):
+        t0 = self._now()
+        out = fn(*args, **kwargs)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + self._now() - t0
+        return out
+
+    def _now(self) -> float:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def __call__(self, **batch):
+        return self._timed("forward", self.engine, **batch)
+
+    def backward(self, loss) -> None:
+        self._timed("backward", self.engine.backward, loss)
+
+    def step(self) -> None:
+        self._timed("optimizer_step", self.engine.step)
+
+
+def bench(cfg: Config) -> int:
     s = setup(cfg, write_run_files=False)
     info, engine, t = s.info, s.engine, cfg.train
     batches = Prefetcher(s.loader, depth=max(2, cfg.data.prefetch))
@@ -38,14 +71,14 @@ def bench(cfg: Config) -> int:
         for _ in range(cfg.bench.warmup_steps):
             train_step(engine, batches, t.grad_accum_steps, info.device)
         step_times, waits, losses = [], [], []
-        phases: dict[str, float] = {}
+        timer = PhaseTimer(engine, info.device)
         prof = _profiler() if cfg.bench.profile else None
         if prof is not None:
             prof.__enter__()
         for _ in range(cfg.bench.steps):
             t0 = time.perf_counter()
-            loss, wait = train_step(engine, batches, t.grad_accum_steps, info.device, phases=phases)
-            loss, _, _ = agree(loss, False, False, info.device, info.world_size)
+            loss, wait = train_step(timer, batches, t.grad_accum_steps, info.device)
+            loss, _ = agree(loss, (), info.device, info.world_size)
             step_times.append(time.perf_counter() - t0)
             waits.append(wait)
             losses.append(loss)
@@ -72,7 +105,7 @@ def bench(cfg: Config) -> int:
         "tokens_per_s_median": round(s.tokens_per_step / statistics.median(step_times), 1),
         "step_time_s_stdev": round(statistics.pstdev(step_times), 4),
         "loader_wait_frac": round(sum(waits) / total, 4),
-        "phase_frac": {k: round(v / total, 3) for k, v in phases.items()},
+        "phase_frac": {k: round(v / total, 3) for k, v in timer.seconds.items()},
         "tokens_per_step": s.tokens_per_step,
         "steps": len(step_times),
         "warmup_steps": cfg.bench.warmup_steps,
@@ -83,7 +116,7 @@ def bench(cfg: Config) -> int:
         "micro_batch_size": t.micro_batch_size,
         "grad_accum_steps": t.grad_accum_steps,
         "seq_len": cfg.data.seq_len,
-        "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters()),
+        "params": param_counts(engine)[0],
         "memory_bytes": memory_bytes(info.device),
         "final_loss": round(losses[-1], 4),
     }
@@ -94,7 +127,6 @@ def bench(cfg: Config) -> int:
 
 
 def _profiler():
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])

@@ -34,6 +34,7 @@ from typing import Any
 from pretrain.config import Config
 from pretrain.errors import ConfigError, UserError
 from pretrain.fileio import write_text_atomic
+from pretrain.schedules import lr_multiplier
 
 log = logging.getLogger(__name__)
 
@@ -251,10 +252,8 @@ def build_engine(cfg: Config, model, info, run_dir: str | os.PathLike | None):
 
     The config is logged and, on rank 0, written to ``run_dir/ds_config.json``.
     """
-    import deepspeed
+    import deepspeed  # lazy: DS_ACCELERATOR must be chosen (pretrain.dist) before deepspeed loads
     from torch.optim.lr_scheduler import LambdaLR
-
-    from pretrain.schedules import lr_multiplier
 
     on_cuda = info.device.startswith("cuda")
     conf = deepspeed_config(cfg, info.world_size, on_cuda=on_cuda)
@@ -293,3 +292,15 @@ def loss_scale(engine) -> float | None:
         if v is not None:
             return float(v)
     return None
+
+
+def param_counts(engine) -> tuple[int, int]:
+    """(parameters of the whole model, parameter elements this rank holds).
+
+    Under ZeRO-3 a parameter's own tensor is an empty placeholder: ``ds_numel`` is its full size
+    and ``ds_tensor`` this rank's partition. Below stage 3 every rank holds everything.
+    """
+    params = list(engine.module.parameters())
+    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return total, local

@@ -11,6 +11,8 @@ import functools
 import logging
 import time
 
+from pretrain.model import ffn_hidden_size, n_kv_heads
+
 log = logging.getLogger(__name__)
 
 
@@ -22,8 +24,6 @@ def matmul_params(model_cfg) -> int:
     counted once even when tied to the input embedding, because the projection matmul happens
     either way). The input embedding is a lookup, not a matmul, so it is excluded.
     """
-    from pretrain.model import ffn_hidden_size, n_kv_heads
-
     d, hd = model_cfg.d_model, model_cfg.d_model // model_cfg.n_heads
     attn = 2 * d * d + 2 * d * n_kv_heads(model_cfg) * hd
     per_block = attn + 3 * d * ffn_hidden_size(model_cfg) + 2 * d

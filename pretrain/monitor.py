@@ -22,6 +22,7 @@ from pathlib import Path
 
 from data_pipelines.loaders import source_summaries
 from pretrain.config import Config, to_dict
+from pretrain.flops import flops_per_token, peak_flops_per_s
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,6 @@ class Throughput:
 
 def flops_and_peak(cfg: Config, device: str) -> tuple[float | None, float | None]:
     """Model FLOPs per token (6N + attention, pretrain.flops) and this device's peak in the run dtype."""
-    from pretrain.flops import flops_per_token, peak_flops_per_s
-
     dtype = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[cfg.train.precision]
     return flops_per_token(cfg.model, cfg.data.seq_len), peak_flops_per_s(device, dtype)
 

@@ -8,10 +8,10 @@ Layout, top to bottom::
                                backward / engine.step
              agree             one all-reduce: mean loss + stop requests (signal, time budget)
              NonFinite         skipped / non-finite steps (DeepSpeed skips the update itself)
+             StopPolicy        every reason to stop, in one place (pretrain/stopping.py)
              _log_step         progress bar, metrics.jsonl + wandb every train.log_every steps
              evaluate          every train.eval_every steps (and at a normal end)
              checkpoint        when due, and on every exit path (checkpoint.save_on_exit)
-             _signal_since     after an evaluation or save: a signal that came meanwhile stops here
 
 ``bench`` reuses ``setup``, ``Prefetcher`` and ``train_step``: the benchmark times this code.
 
@@ -33,20 +33,36 @@ import logging
 import math
 import os
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
 from data_pipelines.loaders import Prefetcher, build_train_loader, build_val_loader, load_tokenizer
+from pretrain.checkpoint import Checkpointer, TrainState
 from pretrain.config import Config, save_resolved
+from pretrain.dist import init_distributed, select_accelerator
+from pretrain.engine import (
+    build_engine,
+    check_device_support,
+    grad_norm,
+    loss_scale,
+    model_init_context,
+    param_counts,
+    schedule_horizon,
+)
 from pretrain.errors import UserError
+from pretrain.model import Transformer
+from pretrain.monitor import Monitor, Throughput, flops_and_peak, memory_bytes
+from pretrain.stopping import NonFinite, Stop, StopPolicy, StopSignals
 
 log = logging.getLogger(__name__)
 
-EXIT_NONFINITE = 3
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "doc_ids")
 INJECT_NAN_ENV = "PRETRAIN_INJECT_NAN_STEPS"
 
@@ -71,9 +87,6 @@ class Session:
 
 
 def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -81,9 +94,6 @@ def seed_everything(seed: int) -> None:
 
 def setup(cfg: Config, write_run_files: bool = True) -> Session:
     """Process group, tokenizer, loader, model and engine, identical for train and bench."""
-    from pretrain.dist import init_distributed, select_accelerator
-    from pretrain.engine import build_engine, check_device_support, model_init_context
-
     check_device_support(cfg, select_accelerator())
     info = init_distributed()
     run_dir = Path(cfg.run.dir)
@@ -92,10 +102,6 @@ def setup(cfg: Config, write_run_files: bool = True) -> Session:
 
     tokenizer, tokenizer_path = _load_tokenizer(cfg)
     loader = build_train_loader(cfg, info.rank, info.world_size, tokenizer=tokenizer)
-
-    import torch
-
-    from pretrain.model import Transformer
 
     seed_everything(cfg.run.seed)  # same init on every rank
     init_context = model_init_context(cfg, info)
@@ -130,65 +136,35 @@ def _to_device(batch: dict, device: str) -> dict:
     return out
 
 
-def train_step(engine, batches: Prefetcher, accum: int, device: str, inject_nan: bool = False,
-               phases: dict[str, float] | None = None):
+def train_step(engine, batches: Prefetcher, accum: int, device: str, inject_nan: bool = False):
     """One optimizer step over ``accum`` micro-batches; returns (this rank's mean loss, wait seconds).
 
     DeepSpeed owns accumulation: ``engine.step()`` after every micro-batch applies the update
     only at the boundary (and skips it, on all ranks, when the gradient norm is not finite).
-    ``phases`` (bench): accumulates seconds spent in forward, backward and step (synchronizing
-    CUDA around each phase, so leave it None in training).
     """
-    import torch
-
-    def mark(name: str, since: float) -> float:
-        now = _sync_time(device)
-        phases[name] = phases.get(name, 0.0) + now - since
-        return now
-
     losses = []
     wait = 0.0
     for _ in range(accum):
         t0 = time.perf_counter()
         batch = batches.next()
         wait += time.perf_counter() - t0
-        t = _sync_time(device) if phases is not None else 0.0
         loss = engine(**_to_device(batch, device))
         if inject_nan:
             loss = loss * float("nan")
-        if phases is not None:
-            t = mark("forward", t)
         engine.backward(loss)
-        if phases is not None:
-            t = mark("backward", t)
         engine.step()
-        if phases is not None:
-            mark("optimizer_step", t)
         losses.append(loss.detach().float())
     return torch.stack(losses).mean(), wait
 
 
-def _sync_time(device: str) -> float:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def agree(local_loss, stop_signal: bool, stop_time: bool, device: str, world: int) -> tuple[float, bool, bool]:
-    """One all-reduce per step: the global mean loss and whether any rank wants to stop."""
-    import torch
-
+def agree(local_loss: torch.Tensor, requests: tuple[bool, ...], device: str, world: int) -> tuple[float, tuple[bool, ...]]:
+    """One all-reduce per step: the global mean loss and, per request, whether any rank made it."""
     if world == 1:
-        return float(local_loss), stop_signal, stop_time
-    import torch.distributed as dist
-
-    t = torch.stack([local_loss.to(device), torch.tensor(float(stop_signal), device=device),
-                     torch.tensor(float(stop_time), device=device)])
+        return float(local_loss), tuple(requests)
+    t = torch.stack([local_loss.to(device)] + [torch.tensor(float(r), device=device) for r in requests])
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    loss, sig, tim = t.tolist()
-    return loss / world, sig > 0, tim > 0
+    loss, *flags = t.tolist()
+    return loss / world, tuple(f > 0 for f in flags)
 
 
 def evaluate(session: Session) -> dict | None:
@@ -197,13 +173,8 @@ def evaluate(session: Session) -> dict | None:
     The batches are read once and kept: every evaluation sees the same tokens. All ranks run the
     same number of forwards (the minimum any rank has), which ZeRO-3's parameter gathers require.
     """
-    import torch
-    import torch.distributed as dist
-
     cfg, info, engine = session.cfg, session.info, session.engine
     if session.val_cache is None:
-        from itertools import islice
-
         val = build_val_loader(cfg, info.rank, info.world_size, tokenizer=session.tokenizer)
         session.val_cache = [_to_device(b, info.device) for b in islice(iter(val), cfg.train.eval_batches)]
     n = torch.tensor([len(session.val_cache)], device=info.device)
@@ -227,37 +198,6 @@ def evaluate(session: Session) -> dict | None:
     return {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 80.0)), "val/tokens": int(total[1].item())}
 
 
-# --------------------------------------------------------------------------------------------
-# Signals
-# --------------------------------------------------------------------------------------------
-
-
-class StopSignals:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits 0."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-        log.warning("%s received: finishing the current step, then saving and exiting", self.received)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _nan_steps() -> set[int]:
     raw = os.environ.get(INJECT_NAN_ENV, "")
     try:
@@ -266,20 +206,9 @@ def _nan_steps() -> set[int]:
         raise UserError(f"{INJECT_NAN_ENV}={raw!r}: expected comma-separated step numbers") from None
 
 
-def local_param_numel(engine) -> int:
-    """Parameter elements this rank holds (its ZeRO-3 partition, or everything below stage 3)."""
-    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
-
-
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
-
-
-def _make_checkpointer(session: Session):
-    from pretrain.checkpoint import Checkpointer
-
-    return Checkpointer(session.cfg, session.engine, session.info, session.tokenizer_path)
 
 
 def train(cfg: Config) -> int:
@@ -287,51 +216,13 @@ def train(cfg: Config) -> int:
     started = time.monotonic()  # train.max_time_s counts set-up and resume too: it is the job's budget
     nan_steps = _nan_steps()  # a malformed test hook fails before any set-up
     with StopSignals() as signals:  # installed first: a preemption during set-up still saves
-        return _train(cfg, signals, nan_steps, started)
+        return _train(cfg, StopPolicy(cfg.train, signals, started), nan_steps)
 
 
-@dataclass
-class NonFinite:
-    """Skipped updates and the current run of non-finite steps (identical on every rank)."""
-
-    precision: str
-    in_a_row: int = 0
-
-    def account(self, state, step: int, loss: float, applied: bool, gnorm: float | None) -> bool:
-        """Update the counters after a step; returns True when the step was non-finite.
-
-        DeepSpeed already skipped the update on every rank (see engine.py). With fp16 a skip with
-        a finite loss is the loss scaler calibrating, not a failure, even though DeepSpeed then
-        reports an infinite gradient norm (a start at 2**16 overflows several steps in a row); a
-        real fp16 divergence ends in DeepSpeed's own error at its minimum loss scale.
-        """
-        if self.precision == "fp16":
-            nonfinite = not math.isfinite(loss)
-        else:
-            nonfinite = not math.isfinite(loss) or not applied or (gnorm is not None and not math.isfinite(gnorm))
-        if not applied:
-            state.skipped_steps += 1
-        if not nonfinite:
-            self.in_a_row = 0
-            return False
-        self.in_a_row += 1
-        log.warning("step %d: non-finite loss (%s) or gradient norm (%s): update skipped (%d in a row)",
-                    step, loss, gnorm, self.in_a_row)
-        if applied:
-            log.error("step %d: non-finite loss but DeepSpeed applied the update", step)
-        return True
-
-
-def _train(cfg: Config, signals: StopSignals, nan_steps: set[int], started: float) -> int:
-    import torch
-
-    from pretrain.checkpoint import TrainState
-    from pretrain.engine import grad_norm, schedule_horizon
-    from pretrain.monitor import Monitor, Throughput, flops_and_peak
-
+def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int]) -> int:
     s = setup(cfg)
     info, engine, t = s.info, s.engine, cfg.train
-    checkpointer = _make_checkpointer(s)
+    checkpointer = Checkpointer(cfg, engine, info, s.tokenizer_path)
     state = TrainState()
     resumed = checkpointer.resume()  # before wandb: the wandb run id lives in the checkpoint
     if resumed is not None:
@@ -348,94 +239,54 @@ def _train(cfg: Config, signals: StopSignals, nan_steps: set[int], started: floa
 
     batches = Prefetcher(s.loader, depth=max(2, cfg.data.prefetch))
     nonfinite = NonFinite(t.precision)
-    stop_reason, exit_code, preempted = "", 0, False
+    stop: Stop | None = policy.limit(state)
     engine.train()
     try:
-        while not (stop_reason := _limit_reached(state, t)):
+        while stop is None:
             t0 = time.perf_counter()
             step = state.step + 1
             lr = engine.get_lr()[0]  # the rate this step's update uses
             local_loss, wait = train_step(engine, batches, t.grad_accum_steps, info.device,
                                           inject_nan=step in nan_steps and info.rank == 0)
-            over_time = t.max_time_s is not None and time.monotonic() - started >= t.max_time_s
-            loss, by_signal, by_time = agree(local_loss, signals.received is not None, over_time,
-                                             info.device, info.world_size)
+            loss, agreed = agree(local_loss, policy.requests(), info.device, info.world_size)
             state.step, state.tokens_seen = step, state.tokens_seen + s.tokens_per_step
             meter.update(s.tokens_per_step, time.perf_counter() - t0, wait)
             gnorm = grad_norm(engine)
             bad = nonfinite.account(state, step, loss, engine.was_step_applied(), gnorm)
-
-            stop_reason, exit_code = _stop_reason(by_signal, by_time, nonfinite.in_a_row, t)
-            preempted = by_signal
+            stop = policy.after_step(agreed, nonfinite.in_a_row)
 
             _log_step(s, monitor, meter, state, loss, lr, gnorm, nonfinite.in_a_row, force=bad)
-            evaluating = bool(t.eval_every) and step % t.eval_every == 0 and not preempted  # short grace period
+            evaluating = bool(t.eval_every) and step % t.eval_every == 0 and not (stop and stop.preempted)
             if evaluating:
                 _eval_and_log(s, monitor, step)
             saving = checkpointer.due(step)
             if saving:
                 checkpointer.save(state, batches.state)
-            if (evaluating or saving) and not stop_reason and _signal_since(signals, info):
-                stop_reason, preempted = "stop signal (SIGTERM/SIGUSR1) during evaluation or a save", True
-            if stop_reason:
-                break
+            if (evaluating or saving) and stop is None:  # a signal that came meanwhile stops here
+                signalled = agree(torch.zeros(()), policy.requests()[:1], info.device, info.world_size)[1][0]
+                stop = policy.after_pause(signalled)
+            stop = stop or policy.limit(state)
 
         # A final evaluation on a normal end (not on preemption: the grace period is short).
-        if exit_code == 0 and not preempted and t.eval_every and state.step > 0 and state.step % t.eval_every:
+        if stop.exit_code == 0 and not stop.preempted and t.eval_every and state.step > 0 and state.step % t.eval_every:
             _eval_and_log(s, monitor, state.step)
         if cfg.checkpoint.save_on_exit and state.step > 0:
             checkpointer.save(state, batches.state)
     except BaseException:
-        exit_code = exit_code or 1  # wandb records the run as failed, not finished
+        stop = Stop("exception", (stop.exit_code if stop else 0) or 1)  # wandb records the run as failed
         raise
     finally:
         batches.close()
-        monitor.close(exit_code)
-    (log.error if exit_code else log.info)("stopping at step %d: %s", state.step, stop_reason)
+        monitor.close(stop.exit_code)
+    (log.error if stop.exit_code else log.info)("stopping at step %d: %s", state.step, stop.reason)
     if info.world_size > 1:
-        torch.distributed.barrier()
-    return exit_code
-
-
-def _signal_since(signals: StopSignals, info) -> bool:
-    """Whether any rank got a stop signal, agreed: one that arrived during a long evaluation or save
-    stops the run there (the checkpoint just written is current) instead of one step and save later."""
-    import torch
-
-    return agree(torch.zeros(()), signals.received is not None, False, info.device, info.world_size)[1]
-
-
-def _stop_reason(by_signal: bool, by_time: bool, nonfinite_in_a_row: int, t) -> tuple[str, int]:
-    """The stop decisions taken after a step from agreed values: (reason or '', exit status).
-
-    Divergence wins over a signal or the budget: exit 0 would let SLURM requeue a diverged run.
-    """
-    if nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
-        return (f"{nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_in_a_row="
-                f"{t.max_nonfinite_in_a_row}); lower optim.lr, check the data, or resume from an earlier checkpoint",
-                EXIT_NONFINITE)
-    if by_signal:
-        return "stop signal (SIGTERM/SIGUSR1)", 0
-    if by_time:
-        return f"reached train.max_time_s={t.max_time_s}", 0
-    return "", 0
-
-
-def _limit_reached(state, t) -> str:
-    """The deterministic limits (same on every rank without communication); '' when none."""
-    if state.step >= t.max_steps:
-        return f"reached train.max_steps={t.max_steps}"
-    if t.max_tokens is not None and state.tokens_seen >= t.max_tokens:
-        return f"reached train.max_tokens={t.max_tokens}"
-    return ""
+        dist.barrier()
+    return stop.exit_code
 
 
 def _log_step(s: Session, monitor, meter, state, loss: float, lr: float, gnorm: float | None,
               in_a_row: int, force: bool) -> None:
     """Progress bar every step; metrics every train.log_every steps (and on every non-finite step)."""
-    from pretrain.engine import loss_scale
-    from pretrain.monitor import memory_bytes
-
     step, engine = state.step, s.engine
     due = step % s.cfg.train.log_every == 0
     perf = meter.summary()  # the window so far: the bar shows a rate on every step
@@ -469,15 +320,12 @@ def _eval_and_log(s: Session, monitor, step: int) -> None:
 
 def _log_setup(s: Session, monitor, flops_per_token, peak) -> None:
     """Once per run: sizes, batch shape and the parameters each rank holds (ZeRO partitioning)."""
-    import torch
-    import torch.distributed as dist
-
     info, cfg = s.info, s.cfg
-    local = torch.tensor([local_param_numel(s.engine)], dtype=torch.int64, device=info.device)  # NCCL: on the GPU
+    total, local_numel = param_counts(s.engine)
+    local = torch.tensor([local_numel], dtype=torch.int64, device=info.device)  # NCCL: on the GPU
     per_rank = [local.clone() for _ in range(info.world_size)]
     if info.world_size > 1:
         dist.all_gather(per_rank, local)
-    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in s.engine.module.parameters())
     row = {
         "setup/params": total,
         "setup/param_numel_per_rank": [int(x.item()) for x in per_rank],

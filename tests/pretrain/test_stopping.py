@@ -1,0 +1,63 @@
+"""The stop policy: every reason the loop stops, its priority and exit status; signals; non-finite accounting."""
+
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+from pretrain.stopping import EXIT_NONFINITE, NonFinite, Stop, StopPolicy, StopSignals
+
+
+def _policy(received=None, max_time_s=60.0, started=None, **kw):
+    t = SimpleNamespace(**{"max_time_s": max_time_s, "max_nonfinite_in_a_row": 3, "max_steps": 10, "max_tokens": None, **kw})
+    signals = SimpleNamespace(received=received)
+    return StopPolicy(t, signals, time.monotonic() if started is None else started)
+
+
+def test_stop_priority_and_exit_status():
+    p = _policy()
+    assert p.after_step((False, False), 2) is None
+    diverged = p.after_step((False, False), 3)
+    assert diverged.exit_code == EXIT_NONFINITE and "train.max_nonfinite_in_a_row=3" in diverged.reason
+    assert p.after_step((False, True), 2) == Stop("reached train.max_time_s=60.0")  # the budget saves, exits 0
+    assert p.after_step((True, True), 2) == Stop("stop signal (SIGTERM/SIGUSR1)", 0, preempted=True)
+    both = p.after_step((True, True), 3)
+    assert both.exit_code == EXIT_NONFINITE and both.preempted  # no requeue of a diverged run, no final eval
+    assert p.after_pause(False) is None
+    assert p.after_pause(True).preempted and "during evaluation or a save" in p.after_pause(True).reason
+
+
+def test_limits_steps_and_tokens():
+    p = _policy(max_tokens=1000)
+    assert p.limit(SimpleNamespace(step=9, tokens_seen=999)) is None
+    assert p.limit(SimpleNamespace(step=10, tokens_seen=0)) == Stop("reached train.max_steps=10")
+    assert p.limit(SimpleNamespace(step=3, tokens_seen=1000)) == Stop("reached train.max_tokens=1000")
+
+
+def test_requests_report_the_signal_and_the_spent_budget():
+    assert _policy().requests() == (False, False)
+    assert _policy(received="SIGTERM").requests() == (True, False)
+    assert _policy(started=time.monotonic() - 61).requests() == (False, True)
+    assert _policy(max_time_s=None, started=0.0).requests() == (False, False)
+
+
+def test_stop_signals_sets_the_flag_and_restores_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopSignals() as s:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert s.received == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_fp16_loss_scale_calibration_is_not_divergence():
+    """DeepSpeed reports grad norm inf on every fp16 overflow skip; starting at 2**16 the scaler
+    overflows several steps in a row, which must not trip max_nonfinite_in_a_row."""
+    state = SimpleNamespace(skipped_steps=0)
+    fp16 = NonFinite("fp16")
+    assert not any(fp16.account(state, step, 7.5, applied=False, gnorm=float("inf")) for step in range(1, 8))
+    assert fp16.in_a_row == 0 and state.skipped_steps == 7
+    assert fp16.account(state, 8, float("nan"), applied=False, gnorm=float("inf")) and fp16.in_a_row == 1
+    bf16 = NonFinite("bf16")
+    assert bf16.account(state, 9, 7.5, applied=False, gnorm=float("inf")) and bf16.in_a_row == 1
+    assert not bf16.account(state, 10, 7.4, applied=True, gnorm=1.0) and bf16.in_a_row == 0
