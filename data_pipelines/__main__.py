@@ -18,13 +18,13 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("config", help="YAML config file")
-        p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. scrub.workers=2")
+        p.add_argument("overrides", nargs="*", default=[], help="dotlist overrides, e.g. scrub.workers=2")
         p.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
 
     p = sub.add_parser("eval-pii", help="per-type precision/recall/F1 of the PII detector on labelled records")
     p.add_argument("labelled", help='jsonl of {"text": ..., "spans": [{"start", "end", "type"}]}')
     p.add_argument("--config", default=None, help="config whose scrub.pii section to use")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", default=[], help="dotlist overrides")
 
     p = sub.add_parser("bench", help="throughput benchmarks; last line printed is one JSON object")
     p.add_argument("suite", nargs="?", default="scrub", choices=("pii", "scrub", "loader"),

@@ -192,11 +192,32 @@ def _hf():
     return datasets
 
 
+_TRUE = ("1", "on", "yes", "true")  # how huggingface_hub reads its boolean environment variables
+
+
 def _open_hf(name: str, config: str | None, split: str):
+    """Open a hub (or local) dataset for streaming; failing that, one line saying why it may fail.
+
+    ``datasets`` keeps its own retries (they help on a flaky network); what it raises at the end
+    (ConnectionError when offline or unreachable, DatasetNotFoundError for a misspelt or gated name,
+    both OSErrors; ValueError for an unknown config or split) becomes a UserError naming the input.
+    """
+    spec = f"hf:{name}" + (f":{config}" if config else "")
     try:
         return _hf().load_dataset(name, config, split=split, streaming=True)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"scrub.inputs: cannot open hf:{name}: {e}") from None
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, ValueError):  # datasets names the configs or splits it has
+            raise UserError(f"scrub.inputs: cannot open {spec} ({reason}); check CONFIG in"
+                            " hf:NAME:CONFIG and scrub.hf_split") from None
+        flags = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "").lower() in _TRUE]
+        causes = [
+            f"{' and '.join(flags)} set and the dataset not in the local cache" if flags
+            else "no network (or HF_DATASETS_OFFLINE=1 set and the dataset not cached)",
+            "the dataset or config name misspelt",
+            "a gated or private dataset without a token (HF_TOKEN or `hf auth login`)",
+        ]
+        raise UserError(f"scrub.inputs: cannot open {spec} ({reason}); likely causes: {'; '.join(causes)}") from None
 
 
 def decompressed_blocks(path: str, block: int = 1 << 20) -> Iterator[bytes]:

@@ -17,7 +17,7 @@ from pretrain.errors import exit_on_user_error
 def _config_command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
     p.add_argument("config", help="YAML config file (may `extends:` others)")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. model.n_layers=4")
+    p.add_argument("overrides", nargs="*", default=[], help="dotlist overrides, e.g. model.n_layers=4")
     p.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
     return p
 

@@ -12,6 +12,7 @@ file; later files and then command-line overrides win.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -502,6 +503,9 @@ def _unknown_keys(node: Any, cls: type, prefix: str, where: str) -> list[str]:
         if item is not None and isinstance(v, list):
             for i, el in enumerate(v):
                 problems += _unknown_keys(el, item, f"{key}[{i}].", where)
+        if item is not None and isinstance(v, dict):  # an item override: {index: {key: value}}
+            for i, el in v.items():
+                problems += _unknown_keys(el, item, f"{key}[{i}].", where)
     return problems
 
 
@@ -533,7 +537,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     try:
         loaded = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
     except Exception as e:  # yaml errors come in several classes
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line
+        raise ConfigError(f"config file {path} is not valid YAML: {detail}") from None
     data = OmegaConf.to_container(loaded, resolve=False)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
@@ -542,18 +547,98 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         parents = [parents]
     merged: dict = {}
     for parent in parents:
-        merged = _deep_merge(merged, _read_yaml(path.parent / parent, (*chain, path)))
-    return _deep_merge(merged, data)
+        merged = deep_merge(merged, _read_yaml(path.parent / parent, (*chain, path)))
+    return deep_merge(merged, data)
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
+def deep_merge(base: dict, top: dict) -> dict:
+    """``top`` wins; nested dicts merge key by key; anything else (lists included) is replaced.
+
+    The one merge of plain dicts: YAML inheritance, command-line overrides and ``deepspeed.extra``
+    over the derived DeepSpeed config all use it. The result is a deep copy, so neither input is
+    changed later through it (the DeepSpeed config is edited after the merge).
+    """
+    out = copy.deepcopy(base)
     for k, v in top.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
-            out[k] = v
+            out[k] = copy.deepcopy(v)
     return out
+
+
+def _index_overrides(over: dict, base: Any, cls: type, prefix: str, override: str) -> dict:
+    """Rewrite list-item overrides into whole lists, so the merge sees a list it can validate.
+
+    omegaconf parses both ``data.sources[0].path=x`` and ``data.sources.0.path=x`` into
+    ``{'data': {'sources': {'0': {'path': 'x'}}}}``, a mapping it cannot merge into a list. For
+    every list field, such a mapping is applied to the list as it stands so far (the
+    files and earlier overrides, else the schema default): item 0 gets ``path=x`` merged in.
+    Lists of plain values (``scrub.inputs.0=...``) work the same way, the item being replaced.
+    Raises ConfigError for an index out of range or a non-index key.
+    """
+    import typing
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = dict(over)
+    base = base if isinstance(base, dict) else {}
+    for k, v in over.items():
+        f = fields.get(str(k))
+        if f is None or not isinstance(v, dict):
+            continue
+        key = f"{prefix}{k}"
+        sub = _dataclass_type(f)
+        if sub is not None:
+            out[k] = _index_overrides(v, base.get(k), sub, key + ".", override)
+        elif typing.get_origin(_type_of(f)) is list:
+            default = f.default_factory()  # type: ignore[misc]
+            current = base[k] if k in base else [dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x for x in default]
+            if not isinstance(current, list):
+                raise ConfigError(f"override '{override}': {key} is not a list here, so it has no item to change")
+            items = copy.deepcopy(current)
+            for idx, change in v.items():
+                if not str(idx).isdigit():
+                    raise ConfigError(f"override '{override}': {key} is a list; address one item by its index,"
+                                      f" e.g. {key}[0].{idx}")
+                i = int(idx)
+                if i >= len(items):
+                    raise ConfigError(f"override '{override}': index {i} is out of range; {key} has {len(items)}"
+                                      f" item(s) (set the whole list to add one: {key}=[...])")
+                both = isinstance(change, dict) and isinstance(items[i], dict)
+                items[i] = deep_merge(items[i], change) if both else change
+            out[k] = items
+    return out
+
+
+def _list_item_problems(node: Any, cls: type, prefix: str = "") -> list[str]:
+    """Type errors inside list items, each named by its index (``data.sources[1].weight: ...``).
+
+    A merge of a whole list reports a bad item value only by the field's own name (``weight``),
+    so every item is first merged on its own into its section schema."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(node, dict):
+        return []
+    problems: list[str] = []
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in node.items():
+        f = fields.get(str(k))
+        if f is None:
+            continue
+        key = f"{prefix}{k}"
+        sub, item = _dataclass_type(f), _list_item_dataclass(f)
+        if sub is not None:
+            problems += _list_item_problems(v, sub, key + ".")
+        elif item is not None and isinstance(v, list):
+            for i, el in enumerate(v):
+                if not isinstance(el, dict):
+                    continue  # the whole merge names it: 'data.sources[0]: expected SourceConfig'
+                try:
+                    OmegaConf.merge(OmegaConf.structured(item), el)
+                except OmegaConfBaseException as e:
+                    problems.append(_omegaconf_problem(e, item, f"{key}[{i}]."))
+    return problems
 
 
 def _range_problems(obj: Any, prefix: str = "") -> list[str]:
@@ -586,13 +671,15 @@ def _range_problems(obj: Any, prefix: str = "") -> list[str]:
     return problems
 
 
-def _omegaconf_problem(e: Exception) -> str:
-    """Turn an omegaconf validation error into 'key: expected X; got Y'."""
+def _omegaconf_problem(e: Exception, cls: type = Config, prefix: str = "") -> str:
+    """Turn an omegaconf validation error into 'key: expected X; got Y' (key = prefix + the
+    error's key in the ``cls`` schema)."""
     import typing
 
     key = getattr(e, "full_key", None) or "?"
     value = getattr(e, "value", None)
-    f = _schema_keys(Config).get(re.sub(r"\[\d+\]", "", key))
+    f = _schema_keys(cls).get(re.sub(r"\[\d+\]", "", key))
+    key = prefix + key
     if f is not None and value is not None:
         t = _type_of(f)
         args = [a for a in typing.get_args(t) if a is not type(None)]
@@ -600,7 +687,7 @@ def _omegaconf_problem(e: Exception) -> str:
         if args and type(None) in typing.get_args(t):
             expected += " or null"
         return f"{key}: expected {expected}; got {value!r} ({type(value).__name__})"
-    msg = getattr(e, "msg", None) or str(e).splitlines()[0]
+    msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
     return f"{key}: {msg}"
 
 
@@ -618,6 +705,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     problems = _unknown_keys(user, Config, "", where_file)
 
     over_dicts = []
+    state = user  # the files plus the overrides so far: what a list-item override changes
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. model.n_layers=4)")
@@ -626,9 +714,17 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         except OmegaConfBaseException as e:
             raise ConfigError(f"override '{item}' cannot be parsed: {e}") from None
         problems += _unknown_keys(od, Config, "", " (command-line override)")
+        try:
+            od = _index_overrides(od, state, Config, "", item)
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        state = deep_merge(state, od)
         over_dicts.append(od)
+    for d in () if problems else (user, *over_dicts):  # unknown keys are already reported
+        problems += _list_item_problems(d, Config)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))  # an item kept by an override repeats
 
     schema = OmegaConf.structured(Config)
     try:

@@ -23,7 +23,6 @@ the same ``overflow`` / ``_global_grad_norm`` attributes DeepSpeed reads from it
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -31,22 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import Config
+from pretrain.config import Config, deep_merge
 from pretrain.errors import ConfigError, UserError
 from pretrain.fileio import write_text_atomic
 from pretrain.schedules import lr_multiplier
 
 log = logging.getLogger(__name__)
-
-def deep_merge(base: dict, top: dict) -> dict:
-    """``top`` wins; nested dicts merge key by key."""
-    out = copy.deepcopy(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 def uses_guarded_optimizer(cfg: Config) -> bool:

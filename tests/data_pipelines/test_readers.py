@@ -1,6 +1,10 @@
 import dataclasses
 import gzip
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -174,3 +178,66 @@ def test_oversized_parquet_row_without_id_is_named_by_position(tmp_path):
     pq.write_table(pa.table({"id": ["a", None], "text": ["x" * 300, "y" * 300]}), tmp_path / "t.parquet")
     recs = records(cfg([tmp_path / "t.parquet"], max_doc_bytes=200))
     assert [(r.id, r.error) for r in recs] == [("a", "too_large"), ("t.parquet:1", "too_large")]  # not "None"
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 16: a hub dataset that cannot be opened is one line naming the input, exit status 2.
+# Offline only: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE and an empty HF_HOME (nothing cached).
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def scrub_cli(tmp_path, inputs: list[str], *overrides: str) -> subprocess.CompletedProcess:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"scrub:\n  output: {tmp_path / 'out'}\n  workers: 1\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf_home"),
+           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "data_pipelines", "scrub", str(config),
+                           f"scrub.inputs={json.dumps(inputs)}", *overrides],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("spec", ["hf:allenai/c4:en", "hf:alenai/c4s"])  # not cached; misspelt
+def test_unreachable_hub_dataset_is_one_line_exit_2(tmp_path, spec):
+    p = scrub_cli(tmp_path, ["builtin:enwiki-sample", spec])
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    msg = p.stderr.strip()
+    assert msg.startswith(f"error: scrub.inputs: cannot open {spec} (Couldn't reach"), msg
+    for cause in ("HF_DATASETS_OFFLINE and HF_HUB_OFFLINE set", "misspelt", "gated", "HF_TOKEN"):
+        assert cause in msg, msg
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_misspelt_config_or_split_names_the_input(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    d = tmp_path / "local_ds"
+    d.mkdir()
+    (d / "train.jsonl").write_text(json.dumps(GOOD[0]) + "\n")
+    with pytest.raises(UserError) as e:
+        resolve_inputs(cfg([f"hf:{d}:englsh"]))
+    assert str(e.value).startswith(f"scrub.inputs: cannot open hf:{d}:englsh (BuilderConfig 'englsh' not found")
+    assert "scrub.hf_split" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError) as e:
+        resolve_inputs(cfg([f"hf:{d}"], hf_split="validaton"))
+    assert f"cannot open hf:{d} (" in str(e.value) and "validaton" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hub_unreachable_without_offline_flags_says_no_network(monkeypatch):
+    """Online the same error comes after datasets' own retries; the message names the network."""
+    from data_pipelines import readers
+
+    class NoNetwork:
+        @staticmethod
+        def load_dataset(*args, **kwargs):
+            raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(readers, "_hf", lambda: NoNetwork)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(UserError) as e:
+        resolve_inputs(cfg(["hf:allenai/c4:en"]))
+    msg = str(e.value)
+    assert msg.startswith("scrub.inputs: cannot open hf:allenai/c4:en (Couldn't reach 'allenai/c4' on the Hub")
+    assert "no network" in msg and "OFFLINE and" not in msg and "\n" not in msg

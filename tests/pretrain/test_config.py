@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import Config, load_config, reference_markdown, save_resolved
+from pretrain.config import Config, deep_merge, load_config, reference_markdown, save_resolved
 from pretrain.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,6 +56,75 @@ def test_lists_of_sources_and_passthrough_dict(tmp_path):
     assert cfg.data.sources[0].weight == 2.0 and cfg.data.sources[1].weight == 1.0
     assert cfg.deepspeed.extra == {"zero_optimization": {"round_robin_gradients": True}}
 
+
+
+def test_deep_merge_semantics():
+    """The one merge (YAML extends, overrides, deepspeed.extra over the DeepSpeed config)."""
+    base = {"a": 1, "nested": {"x": 1, "deep": {"p": 1, "q": 2}}, "lst": [1, 2], "swap": {"k": 1}}
+    top = {"a": 2, "nested": {"deep": {"q": 3}, "y": 5}, "lst": [9], "swap": 7, "new": {"n": [1]}}
+    out = deep_merge(base, top)
+    assert out == {"a": 2, "nested": {"x": 1, "y": 5, "deep": {"p": 1, "q": 3}}, "lst": [9], "swap": 7,
+                   "new": {"n": [1]}}  # scalars and lists replaced, dicts merged key by key
+    assert deep_merge({"k": 1}, {"k": {"d": 1}}) == {"k": {"d": 1}}  # a dict replaces a scalar
+    # Neither input changes, and the result shares no container with them (the engine edits it).
+    assert base["nested"] == {"x": 1, "deep": {"p": 1, "q": 2}} and base["lst"] == [1, 2]
+    out["nested"]["x"] = 100
+    out["new"]["n"].append(2)
+    out["lst"].append(3)
+    assert base["nested"]["x"] == 1 and top["new"] == {"n": [1]} and top["lst"] == [9]
+    assert deep_merge(base, {})["nested"] is not base["nested"]
+
+
+@pytest.mark.parametrize("form", ["data.sources[{i}].{k}={v}", "data.sources.{i}.{k}={v}"])
+def test_override_one_list_item_both_forms(tmp_path, form):
+    f = write(tmp_path / "c.yaml", "data:\n  sources:\n    - {name: a, path: /d/a, weight: 2}\n    - {name: b, path: /d/b}\n")
+    cfg = load_config(f, [form.format(i=1, k="path", v="/data/other"), form.format(i=0, k="weight", v="0.5")])
+    assert [(s.name, s.path, s.weight) for s in cfg.data.sources] == [("a", "/d/a", 0.5), ("b", "/data/other", 1.0)]
+    # without a file the schema's default list is the base
+    assert load_config(None, [form.format(i=0, k="path", v="/x")]).data.sources[0].path == "/x"
+
+
+def test_list_item_override_sees_earlier_overrides():
+    cfg = load_config(None, ["data.validation=[{name: v, path: /v}]", "data.validation[0].weight=3",
+                             "data.sources[0]={path: /p, text_field: body}"])
+    assert [(s.name, s.path, s.weight) for s in cfg.data.validation] == [("v", "/v", 3.0)]
+    assert (cfg.data.sources[0].path, cfg.data.sources[0].text_field, cfg.data.sources[0].name) == ("/p", "body", "main")
+
+
+
+def test_override_one_item_of_a_list_of_values():
+    cfg = load_config(None, ["scrub.inputs=[a.jsonl, b.jsonl]", "scrub.inputs[1]=c.jsonl",
+                             "scrub.quality.max_top_ngram_char_frac.2=0.5"])
+    assert cfg.scrub.inputs == ["a.jsonl", "c.jsonl"]
+    assert cfg.scrub.quality.max_top_ngram_char_frac == [0.20, 0.18, 0.5]
+    msg = errors_of(lambda: load_config(None, ["scrub.quality.max_top_ngram_char_frac[0]=abc"]))
+    assert msg == "config error: scrub.quality.max_top_ngram_char_frac[0]: expected float; got 'abc' (str)"
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.sources[0].weight=-1", "data.sources[0].weight: expected a value > 0; got -1.0"),
+        ("data.sources[0].weight=abc", "data.sources[0].weight: expected float; got 'abc' (str)"),
+        ("data.sources.0.weight=abc", "data.sources[0].weight: expected float; got 'abc' (str)"),
+        ("data.sources=[{name: a}, {weight: abc}]", "data.sources[1].weight: expected float; got 'abc' (str)"),
+        ("data.sources[1].path=/x", "override 'data.sources[1].path=/x': index 1 is out of range; data.sources has 1 item(s)"),
+        ("data.validation.0.path=/x", "index 0 is out of range; data.validation has 0 item(s)"),
+        ("data.sources[0].pth=/x", "unknown key 'data.sources[0].pth' (command-line override); did you mean 'data.sources[0].path'?"),
+        ("data.sources.0.pth=/x", "unknown key 'data.sources[0].pth'"),
+        ("data.sources[0]=5", "data.sources[0]: expected SourceConfig; got 5 (int)"),
+        ("data.sources=[{name: a}, x]", "data.sources[1]: expected SourceConfig; got 'x' (str)"),
+        ("data.sources.path=/x", "data.sources is a list; address one item by its index, e.g. data.sources[0].path"),
+    ],
+)
+def test_list_item_override_errors_name_the_item(override, expected):
+    msg = errors_of(lambda: load_config(None, [override]))
+    assert expected in msg and "\n" not in msg
+
+
+def test_type_error_in_a_file_list_item_names_the_index(tmp_path):
+    f = write(tmp_path / "c.yaml", "data:\n  sources:\n    - {name: a, path: /a}\n    - {name: b, weight: heavy}\n")
+    msg = errors_of(lambda: load_config(f, ["data.sources[0].path=/other"]))
+    assert msg == "config error: data.sources[1].weight: expected float; got 'heavy' (str)"  # once, not per override
 
 def test_unknown_key_names_full_key_and_suggests():
     msg = errors_of(lambda: load_config(None, ["model.n_layerz=3"]))
@@ -128,7 +197,8 @@ def test_missing_and_unreadable_files(tmp_path):
     msg = errors_of(lambda: load_config(parent_missing))
     assert "gone.yaml" in msg and "c.yaml" in msg
     bad = write(tmp_path / "bad.yaml", "model: [unclosed\n")
-    assert "bad.yaml" in errors_of(lambda: load_config(bad))
+    msg = errors_of(lambda: load_config(bad))
+    assert "bad.yaml" in msg and "line 1" in msg and "\n" not in msg  # where, on one line
     listy = write(tmp_path / "list.yaml", "- 1\n- 2\n")
     assert "mapping" in errors_of(lambda: load_config(listy))
 
