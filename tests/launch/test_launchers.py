@@ -136,9 +136,11 @@ def test_slurm_script_two_nodes(tmp_path, train_args, reference):
 
 def test_slurm_preemption_saves_and_requeued_job_resumes(tmp_path, train_args):
     """SIGUSR1 to the batch script (SLURM's warning before the time limit): the trainers finish
-    their step, save and exit 0; the requeued job continues from that checkpoint."""
+    their step, save and exit 0; the requeued job continues from that checkpoint, with the losses
+    an uninterrupted run has at those steps (constant LR, so the schedule does not depend on
+    max_steps)."""
     run_dir = tmp_path / "run"
-    args = train_args(run_dir, 10_000)
+    args = train_args(run_dir, 10_000, "optim.schedule=constant")
     p = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), *args], env=slurm_env(tmp_path), cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
@@ -150,14 +152,32 @@ def test_slurm_preemption_saves_and_requeued_job_resumes(tmp_path, train_args):
     p.send_signal(signal.SIGUSR1)
     out = p.communicate(timeout=240)[0]
     assert p.returncode == 0, out[-4000:]
-    stopped_at = max(losses(run_dir))
+    before = losses(run_dir)
+    stopped_at = max(before)
+    assert sorted(before) == list(range(1, stopped_at + 1))
+    saved = run_dir / "checkpoints" / f"step_{stopped_at:08d}"
+    assert (saved / "COMPLETE.json").is_file(), f"no complete checkpoint of step {stopped_at}: {out[-3000:]}"
+
     # The requeued job: same command, resumes automatically, trains 2 more steps.
-    run(["bash", str(LAUNCH / "slurm.sbatch"), *train_args(run_dir, stopped_at + 2)], env=slurm_env(tmp_path),
-        cwd=REPO)
+    run(["bash", str(LAUNCH / "slurm.sbatch"), *train_args(run_dir, stopped_at + 2, "optim.schedule=constant")],
+        env=slurm_env(tmp_path), cwd=REPO)
+    node0 = (tmp_path / "logs" / "pretrain-test-4242" / "node0.log").read_text()  # the requeued job's log
+    assert f"resumed at step {stopped_at}" in node0, node0[-3000:]
+    trained = [int(line.split("step ", 1)[1].split(" ")[0]) for line in node0.splitlines() if " | loss " in line]
+    assert trained == [stopped_at + 1, stopped_at + 2], f"the requeued job trained steps {trained}"
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [r["step"] for r in rows if r.get("kind") == "train"]
-    assert steps[-1] == stopped_at + 2
-    assert len(steps) == len(set(steps)), f"a step was trained twice after the requeue: {steps}"
+    assert steps == list(range(1, stopped_at + 3)), f"a step was trained twice or lost after the requeue: {steps}"
+    after = losses(run_dir)
+    assert {k: after[k] for k in before} == before  # the first job's rows are kept, not rewritten
+
+    # An uninterrupted run of the same config (same 2-rank layout) has the same losses there.
+    ref_dir = tmp_path / "uninterrupted"
+    run(["bash", str(LAUNCH / "torchrun.sh"), *train_args(ref_dir, stopped_at + 2, "optim.schedule=constant")],
+        env=env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port())))
+    ref = losses(ref_dir)
+    assert [after[s] for s in (stopped_at + 1, stopped_at + 2)] == pytest.approx(
+        [ref[s] for s in (stopped_at + 1, stopped_at + 2)], rel=1e-5)
 
 
 def losses_or_empty(run_dir: Path) -> dict[int, float]:
