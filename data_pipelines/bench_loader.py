@@ -22,14 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from data_pipelines.loaders import build_train_loader
+from data_pipelines.pretokenize import INDEX_NAME, pretokenize
+
 log = logging.getLogger(__name__)
 
 TRAINER_BENCH_TOKENS_PER_S = 8_600  # issue 6's target at the bench shape; the loader must give 10x
 
 
 def _throughput(cfg, seconds: float) -> float:
-    from data_pipelines.stream import build_train_loader
-
     loader = build_train_loader(cfg, 0, 1)
     try:
         for _ in range(5):  # warm-up: worker start, first chunk reads
@@ -44,8 +45,6 @@ def _throughput(cfg, seconds: float) -> float:
 
 def _restore_seconds(cfg, batches: int) -> tuple[float, float]:
     """(build + load_state_dict + first batch, first batch only) after `batches` batches."""
-    from data_pipelines.stream import build_train_loader
-
     loader = build_train_loader(cfg, 0, 1)
     for _ in range(batches):
         next(loader)
@@ -63,8 +62,6 @@ def _restore_seconds(cfg, batches: int) -> tuple[float, float]:
 
 
 def bench_loader(cfg, seconds: float = 5.0, restore_far: int = 10_000) -> int:
-    from data_pipelines.pretokenize import INDEX_NAME, pretokenize
-
     d = cfg.data
     result: dict = {"bench": "loader", "seq_len": d.seq_len, "micro_batch": cfg.train.micro_batch_size,
                     "sources": [s.path for s in d.sources], "tokenizer": d.tokenizer}

@@ -13,7 +13,7 @@ import torch
 
 from data_pipelines.pretokenize import pretokenize, token_dtype
 from data_pipelines.sources import is_heldout
-from data_pipelines.stream import build_train_loader, reshard_states
+from data_pipelines.loaders import build_train_loader, reshard_states
 from data_pipelines.tokenizer import load_tokenizer
 from pretrain.errors import UserError
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data_pipelines.sources import is_heldout
-from data_pipelines.stream import build_train_loader, build_val_loader
+from data_pipelines.loaders import build_train_loader, build_val_loader
 from pretrain.config import load_config
 from pretrain.errors import UserError
 

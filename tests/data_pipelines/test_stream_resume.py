@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipelines.stream import build_train_loader, reshard_states
+from data_pipelines.loaders import build_train_loader, reshard_states
 from pretrain.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
