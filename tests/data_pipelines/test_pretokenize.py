@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipelines.loaders import build_train_loader, reshard_states
 from data_pipelines.pretokenize import pretokenize, token_dtype
 from data_pipelines.sources import is_heldout
-from data_pipelines.loaders import build_train_loader, reshard_states
 from data_pipelines.tokenizer import load_tokenizer
 from pretrain.errors import UserError
 
