@@ -25,12 +25,11 @@ from data_pipelines.tokenizer import load_tokenizer
 __all__ = ["Prefetcher", "build_train_loader", "build_val_loader", "load_tokenizer", "reshard_states", "source_summaries"]
 
 
-def build_train_loader(cfg: Any, dp_rank: int, dp_world: int, tokenizer=None,
-                       trace: bool = False) -> TrainLoader | PretokenizedLoader:
+def build_train_loader(cfg: Any, dp_rank: int, dp_world: int, tokenizer=None) -> TrainLoader | PretokenizedLoader:
     """The training loader of data-parallel rank `dp_rank` of `dp_world`, for `data.mode`."""
     if cfg.data.mode == "pretokenized":
-        return PretokenizedLoader(cfg, dp_rank, dp_world, trace=trace)
-    return build_stream_loader(cfg, dp_rank, dp_world, tokenizer, trace)
+        return PretokenizedLoader(cfg, dp_rank, dp_world)
+    return build_stream_loader(cfg, dp_rank, dp_world, tokenizer)
 
 
 def reshard_states(states: list[dict], new_world: int, num_workers: int | None = None) -> list[dict]:

@@ -81,7 +81,7 @@ def _check_pretokenized_sources(d, index: dict, root: Path) -> list[str]:
 class PretokenizedLoader:
     """Same interface and batch format as the streaming `TrainLoader`, over pretokenized shards."""
 
-    def __init__(self, cfg, rank: int, world: int, trace: bool = False):
+    def __init__(self, cfg, rank: int, world: int):
         d = cfg.data
         root = Path(d.pretokenized_dir)
         try:
@@ -103,7 +103,7 @@ class PretokenizedLoader:
             raise UserError(f"data.sources names {sorted(weights)} do not match the pretokenized sources {sorted(names)} "
                             f"in {root}; rerun `python -m data_pipelines pretokenize`")
         self.unscrubbed_sources = _check_pretokenized_sources(d, self.index, root)
-        self.root, self.rank, self.world, self.trace = root, rank, world, trace
+        self.root, self.rank, self.world = root, rank, world
         self.L, self.mb, self.seed = d.seq_len, cfg.train.micro_batch_size, cfg.run.seed
         self.num_workers, self.prefetch = d.num_workers, d.prefetch
         self.W = max(1, d.num_workers)
@@ -147,16 +147,12 @@ class PretokenizedLoader:
             if t % self.W == slot:
                 lo = self.rank * self.mb
                 windows = np.empty((self.mb, self.L + 1), dtype=np.int64)
-                trace = []
                 for j in range(self.mb):
                     src, draw = int(c[lo + j]), int(k[lo + j])
                     epoch, i = divmod(draw, self.n_samples[src])
                     sample = int(_epoch_perm(self.seed, src, epoch, self.n_samples[src])[i])
                     windows[j] = self._window(src, sample)
-                    trace.append((src, epoch, sample))
                 batch = {k2: torch.from_numpy(v) for k2, v in make_batch(windows, self.eos).items()}
-                if self.trace:
-                    batch["trace"] = trace
             counts = counts + np.bincount(c, minlength=len(self.n_samples))
             g += per_global
             if t % self.W == slot:

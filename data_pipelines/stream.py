@@ -175,8 +175,8 @@ class DocStream:
             hit = self._chunk_cache[src] = (key, ids, texts, ok)
         return hit[1], hit[2], hit[3]
 
-    def _next_from(self, src: int) -> tuple[int, str, str, int, tuple]:
-        """The next usable document of `src`: (epoch, id, text, skip, cursor pointing at it)."""
+    def _next_from(self, src: int) -> tuple[str, int, tuple]:
+        """The next usable document of `src`: (text, skip, cursor pointing at it)."""
         dealer = self.dealer(src)
         misses, limit = 0, self.sources[src].rows + 1
         while True:
@@ -195,14 +195,14 @@ class DocStream:
                     pending = ((p0[0], p0[1], p0[2], carry),) + pending[1:]
             self.cursors[src] = (epoch, nxt, pending)
             if good:
-                return pe, ids[row], texts[row], skip, at
+                return texts[row], skip, at
             misses += 1
             if misses > limit:
                 raise UserError(f"{self.sources[src].key} ({self.sources[src].path}) has no usable documents "
                                 f"for {'validation' if self.keep == 'val' else 'training'}")
 
     def __iter__(self) -> Iterator[tuple]:
-        """Yields (origin, key, text, skip).
+        """Yields (origin, text, skip).
 
         origin = (draw counter, cursors, source) positioned exactly at this document: the source's
         cursor points at the document's own row, so a token offset can be attached to that piece.
@@ -211,9 +211,9 @@ class DocStream:
             draws, cursors = self.snapshot()
             src = self.mix.choose(self.draws)
             self.draws += 1
-            epoch, doc_id, text, skip, at = self._next_from(src)
+            text, skip, at = self._next_from(src)
             origin = (draws, cursors[:src] + (at,) + cursors[src + 1:], src)
-            yield origin, (src, epoch, doc_id), text, skip
+            yield origin, text, skip
 
     def state_at(self, origin: tuple | None, offset: int) -> dict:
         """JSON state resuming at `origin` (a document's snapshot and source) with `offset` tokens emitted."""
@@ -233,20 +233,17 @@ class StreamSpec:
     """Everything a worker needs to build its stream (picklable: sent to DataLoader workers)."""
 
     def __init__(self, sources: list[Source], tokenizer, eos_id: int, seq_len: int, micro_batch: int,
-                 seed: int, shuffle: bool, heldout_fraction: float, trace: bool = False):
+                 seed: int, shuffle: bool, heldout_fraction: float):
         self.sources, self.tokenizer, self.eos_id = sources, tokenizer, eos_id
         self.seq_len, self.micro_batch, self.seed, self.shuffle = seq_len, micro_batch, seed, shuffle
-        self.heldout_fraction, self.trace = heldout_fraction, trace
+        self.heldout_fraction = heldout_fraction
 
     def batches(self, state: dict) -> Iterator[tuple[dict, dict]]:
         """Endless (batch of numpy arrays, stream state after it) from a stream state."""
         docs = DocStream(self.sources, state, self.seed, self.shuffle, self.heldout_fraction, "train")
-        packer = Packer(iter(docs), self.tokenizer, self.eos_id, self.seq_len, trace=self.trace)
+        packer = Packer(iter(docs), self.tokenizer, self.eos_id, self.seq_len)
         while True:
-            windows, spans = packer.windows(self.micro_batch)
-            batch = make_batch(windows, self.eos_id)
-            if self.trace:
-                batch["trace"] = spans
+            batch = make_batch(packer.windows(self.micro_batch), self.eos_id)
             head = packer.head()
             yield batch, docs.state_at(*(head if head else (None, 0)))
 
@@ -350,7 +347,7 @@ class TrainLoader:
         self.batches_done = int(d["batches"])
 
 
-def build_stream_loader(cfg, dp_rank: int, dp_world: int, tokenizer=None, trace: bool = False) -> TrainLoader:
+def build_stream_loader(cfg, dp_rank: int, dp_world: int, tokenizer=None) -> TrainLoader:
     """The streaming training loader of data-parallel rank `dp_rank` of `dp_world`."""
     d = cfg.data
     sources = open_sources(d.sources, "data.sources", d.require_scrubbed, d.chunk_docs)
@@ -358,7 +355,7 @@ def build_stream_loader(cfg, dp_rank: int, dp_world: int, tokenizer=None, trace:
     val_sources = open_sources(d.validation, "data.validation", d.require_scrubbed, d.chunk_docs)
     tok, eos = tokenizer_and_eos(cfg, tokenizer)
     spec = StreamSpec(sources, tok, eos, d.seq_len, cfg.train.micro_batch_size, cfg.run.seed, d.shuffle,
-                      heldout_fraction(cfg), trace)
+                      heldout_fraction(cfg))
     unscrubbed = [s.path for s in sources + val_sources if not s.scrubbed]
     loader = TrainLoader(spec, dp_rank, dp_world, d.num_workers, d.prefetch, unscrubbed, d.chunk_docs)
     DocStream(sources, loader.streams[0], cfg.run.seed, d.shuffle)  # checks chunks >= streams now, not in a worker
@@ -418,11 +415,11 @@ class ValLoader:
 
         def cycle():
             while True:
-                for j, text in enumerate(docs):
-                    yield None, ("val", j), text, 0
+                for text in docs:
+                    yield None, text, 0
 
         packer = Packer(cycle(), self.tok, self.eos, self.L)
-        return [_to_torch(make_batch(packer.windows(self.mb)[0], self.eos)) for _ in range(self.n)]
+        return [_to_torch(make_batch(packer.windows(self.mb), self.eos)) for _ in range(self.n)]
 
     def __iter__(self) -> Iterator[dict]:
         if self._batches is None:
