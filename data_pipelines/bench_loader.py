@@ -10,7 +10,8 @@ Measures, on the configured sources and tokenizer (the demo corpus by default) a
 - the cost of a resume: build a loader, load a state saved after 10 and after 10,000 batches, and
   produce the next batch (a loader that spins through consumed data would grow 1000x).
 
-The last line printed is one JSON object.
+The last line printed is one JSON object: per loader its batches, input tokens, seconds and
+tokens/s, and the restore times.
 """
 
 from __future__ import annotations
@@ -22,30 +23,32 @@ import tempfile
 import time
 from pathlib import Path
 
+from data_pipelines.loaders import build_train_loader
+from data_pipelines.pretokenize import INDEX_NAME, pretokenize
+
 log = logging.getLogger(__name__)
 
 TRAINER_BENCH_TOKENS_PER_S = 8_600  # issue 6's target at the bench shape; the loader must give 10x
 
 
-def _throughput(cfg, seconds: float) -> float:
-    from data_pipelines.stream import build_train_loader
-
+def _throughput(cfg, seconds: float) -> dict:
+    """Batches and input tokens the loader gives in about `seconds` (after a warm-up), and their rate."""
     loader = build_train_loader(cfg, 0, 1)
     try:
         for _ in range(5):  # warm-up: worker start, first chunk reads
             next(loader)
-        n, t0 = 0, time.perf_counter()
+        batches, tokens, t0 = 0, 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            n += next(loader)["input_ids"].numel()
-        return n / (time.perf_counter() - t0)
+            tokens += next(loader)["input_ids"].numel()
+            batches += 1
+        elapsed = time.perf_counter() - t0
+        return {"batches": batches, "tokens": tokens, "seconds": elapsed, "tokens_per_s": round(tokens / elapsed)}
     finally:
         loader.close()
 
 
 def _restore_seconds(cfg, batches: int) -> tuple[float, float]:
     """(build + load_state_dict + first batch, first batch only) after `batches` batches."""
-    from data_pipelines.stream import build_train_loader
-
     loader = build_train_loader(cfg, 0, 1)
     for _ in range(batches):
         next(loader)
@@ -63,17 +66,17 @@ def _restore_seconds(cfg, batches: int) -> tuple[float, float]:
 
 
 def bench_loader(cfg, seconds: float = 5.0, restore_far: int = 10_000) -> int:
-    from data_pipelines.pretokenize import INDEX_NAME, pretokenize
-
     d = cfg.data
     result: dict = {"bench": "loader", "seq_len": d.seq_len, "micro_batch": cfg.train.micro_batch_size,
                     "sources": [s.path for s in d.sources], "tokenizer": d.tokenizer}
     stream_cfg = copy.deepcopy(cfg)
     stream_cfg.data.mode = "streaming"
     stream_cfg.data.num_workers = 1
-    result["streaming_tokens_per_s"] = round(_throughput(stream_cfg, seconds))
+    result["streaming"] = _throughput(stream_cfg, seconds)
     stream_cfg.data.num_workers = 0
-    result["streaming_in_process_tokens_per_s"] = round(_throughput(stream_cfg, seconds))
+    result["streaming_in_process"] = _throughput(stream_cfg, seconds)
+    result["streaming_tokens_per_s"] = result["streaming"]["tokens_per_s"]
+    result["streaming_in_process_tokens_per_s"] = result["streaming_in_process"]["tokens_per_s"]
     log.info("streaming: %s tokens/s (1 worker), %s in process", result["streaming_tokens_per_s"],
              result["streaming_in_process_tokens_per_s"])
 
@@ -93,7 +96,8 @@ def bench_loader(cfg, seconds: float = 5.0, restore_far: int = 10_000) -> int:
         pretokenize(pre_cfg)
         pre_cfg.data.mode = "pretokenized"
         pre_cfg.data.num_workers = 1
-        result["pretokenized_tokens_per_s"] = round(_throughput(pre_cfg, seconds))
+        result["pretokenized"] = _throughput(pre_cfg, seconds)
+        result["pretokenized_tokens_per_s"] = result["pretokenized"]["tokens_per_s"]
     log.info("pretokenized: %s tokens/s (1 worker)", result["pretokenized_tokens_per_s"])
     result["trainer_needs_tokens_per_s"] = TRAINER_BENCH_TOKENS_PER_S
     result["streaming_margin_x"] = round(result["streaming_tokens_per_s"] / TRAINER_BENCH_TOKENS_PER_S, 1)

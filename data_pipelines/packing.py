@@ -48,21 +48,19 @@ class Doc:
     tokens: np.ndarray  # token ids with the separator appended, minus the first `skip` tokens
     skip: int  # tokens of this document already emitted before the state it was read from
     origin: object
-    key: tuple
 
 
 class Packer:
     """Cuts windows from a stream of documents, tokenizing them in batches with a fast tokenizer.
 
-    `docs` yields (origin, key, text, skip): `skip` tokens of the document were already emitted
+    `docs` yields (origin, text, skip): `skip` tokens of the document were already emitted
     (a resume inside a document). The buffer is never part of the state: `head()` tells where the
     first still-needed document starts (its origin and token offset), which is enough to rebuild it.
     """
 
-    def __init__(self, docs: Iterator[tuple], tokenizer, eos_id: int, seq_len: int,
-                 tokenize_batch: int = 32, trace: bool = False):
+    def __init__(self, docs: Iterator[tuple], tokenizer, eos_id: int, seq_len: int, tokenize_batch: int = 32):
         self.docs, self.tok, self.eos, self.L = docs, tokenizer, eos_id, seq_len
-        self.tokenize_batch, self.trace = tokenize_batch, trace
+        self.tokenize_batch = tokenize_batch
         self.buf: deque[Doc] = deque()
         self.pos = 0  # offset of the next window's first token inside buf[0].tokens
         self.avail = 0  # tokens in the buffer from pos on
@@ -77,13 +75,13 @@ class Packer:
             want = max(need - self.avail, 16_384) * 4
             for item in self.docs:
                 items.append(item)
-                chars += len(item[2])
+                chars += len(item[1])
                 if len(items) >= self.tokenize_batch or chars >= want:
                     break
             if not items:
                 raise DocumentsExhausted
-            encs = self.tok.encode_batch([text for _, _, text, _ in items], add_special_tokens=False)
-            for (origin, key, _, skip), enc in zip(items, encs, strict=True):
+            encs = self.tok.encode_batch([text for _, text, _ in items], add_special_tokens=False)
+            for (origin, _, skip), enc in zip(items, encs, strict=True):
                 ids = enc.ids
                 arr = np.empty(len(ids) + 1, dtype=np.int64)
                 arr[:-1] = ids
@@ -91,33 +89,27 @@ class Packer:
                 if skip:
                     arr = arr[skip:]
                 if len(arr):
-                    self.buf.append(Doc(arr, skip, origin, key))
+                    self.buf.append(Doc(arr, skip, origin))
                     self.avail += len(arr)
             self.docs_tokenized += len(items)
 
-    def windows(self, n: int) -> tuple[np.ndarray, list]:
-        """n windows [n, L+1] and, with trace, per row the spans (key, start, end) of its inputs."""
+    def windows(self, n: int) -> np.ndarray:
+        """The next n windows, [n, L+1]."""
         L = self.L
         self._fill(n * L + 1)
         out = np.empty((n, L + 1), dtype=np.int64)
-        spans: list = []
         for i in range(n):
             row, filled, e, off = out[i], 0, 0, self.pos
-            row_spans = []
             while filled < L + 1:
                 d = self.buf[e]
                 take = min(len(d.tokens) - off, L + 1 - filled)
                 row[filled:filled + take] = d.tokens[off:off + take]
-                if self.trace and filled < L:
-                    k = min(take, L - filled)
-                    row_spans.append((d.key, d.skip + off, d.skip + off + k))
                 filled += take
                 off += take
                 if off == len(d.tokens):
                     e, off = e + 1, 0
-            spans.append(row_spans)
             self._advance(L)
-        return out, spans
+        return out
 
     def _advance(self, n: int) -> None:
         self.avail -= n

@@ -22,6 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_pipelines.manifest import MANIFEST_NAME, read_manifest
+from data_pipelines.readers import decompressed_blocks
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,6 @@ class Source:
 
     def __init__(self, name: str, path: str, weight: float, text_field: str, key: str,
                  require_scrubbed: bool, chunk_docs: int):
-        from data_pipelines.manifest import MANIFEST_NAME, read_manifest
-
         self.name, self.path, self.weight, self.text_field, self.key = name, path, weight, text_field, key
         root = Path(path)
         self.manifest: dict | None = None
@@ -138,9 +138,7 @@ def _count_rows(path: Path, fmt: str) -> int:
 
 def _jsonl_lines(path: Path, fmt: str) -> list[bytes]:
     if fmt in ("jsonl.zst", "jsonl.gz"):
-        import zstandard
-
-        from data_pipelines.readers import decompressed_blocks
+        import zstandard  # lazy: only for compressed jsonl sources
 
         try:  # one decompressor for the whole package; it reports truncated files
             data = b"".join(decompressed_blocks(str(path)))
@@ -158,7 +156,6 @@ class ShardReader:
         self.shards, self.text_field, self.cache_size = shards, text_field, cache
         self._cache: OrderedDict[tuple, tuple[list, list]] = OrderedDict()
         self._files: dict[int, object] = {}
-        self.rows_read = 0  # rows decoded from storage (instrumentation for resume-cost tests)
 
     def __getstate__(self) -> dict:  # sent to DataLoader workers without open files or caches
         return {**self.__dict__, "_cache": OrderedDict(), "_files": {}}
@@ -214,7 +211,6 @@ class ShardReader:
             ids = [str(x) for x in table.column("id").to_pylist()]
         else:
             ids = [f"{self.shards[shard].path.name}:{base + i}" for i in range(len(texts))]
-        self.rows_read += len(texts)
         return ids, texts
 
     def _load_jsonl(self, shard: int) -> tuple[list, list]:
@@ -230,7 +226,6 @@ class ShardReader:
             text = rec.get(self.text_field)
             texts.append(text if isinstance(text, str) else None)
             ids.append(str(rec["id"]) if rec.get("id") is not None else f"{s.path.name}:{i}")
-        self.rows_read += len(texts)
         return ids, texts
 
 

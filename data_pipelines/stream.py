@@ -26,7 +26,7 @@ With workers, every batch carries its worker's state back to the main process, w
 latest per stream plus which worker delivers next (workers are rotated on restore so the next
 batch comes from the right one).
 
-Elastic resume (`reshard_states`)
+Elastic resume (`reshard_stream_states`)
 ---------------------------------
 From the states of all ``S`` old streams, per source: every pending piece, plus every chunk that
 the old dealing assigned to a stream for epochs up to the highest epoch any old stream has
@@ -46,14 +46,22 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import IterableDataset
 
+from data_pipelines.loader_common import (
+    STATE_VERSION,
+    MixDraw,
+    check_state,
+    every_rank,
+    heldout_fraction,
+    shutdown_workers,
+    tokenizer_and_eos,
+    worker_iter,
+)
 from data_pipelines.packing import Packer, make_batch
 from data_pipelines.sources import Source, is_heldout, open_sources
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-_MIX_BLOCK = 4096
 _TAG_CHUNKS, _TAG_ROWS, _TAG_MIX = 11, 12, 13
 
 
@@ -140,9 +148,7 @@ class DocStream:
         self.draws = int(state["draws"])
         self.cursors = [_cursor_from_json(c) for c in state["sources"]]
         self.frac, self.keep = heldout_fraction, keep
-        w = np.array([s.weight for s in sources], dtype=np.float64)
-        self.p = w / w.sum()
-        self._mix_block: tuple[int, np.ndarray] | None = None
+        self.mix = MixDraw([seed, _TAG_MIX, self.streams, self.stream], [s.weight for s in sources])
         self._chunk_cache: dict[int, tuple[tuple, list, list, np.ndarray]] = {}
         for s in sources:
             check_enough_chunks(s, self.streams)
@@ -153,15 +159,6 @@ class DocStream:
 
     def snapshot(self) -> tuple:
         return self.draws, tuple(self.cursors)
-
-    def choose(self, draw: int) -> int:
-        if len(self.sources) == 1:
-            return 0
-        block = draw // _MIX_BLOCK
-        if self._mix_block is None or self._mix_block[0] != block:
-            rng = np.random.default_rng([self.seed, _TAG_MIX, self.streams, self.stream, block])
-            self._mix_block = (block, rng.choice(len(self.sources), size=_MIX_BLOCK, p=self.p))
-        return int(self._mix_block[1][draw % _MIX_BLOCK])
 
     def _chunk(self, src: int, epoch: int, chunk: int) -> tuple[list, list, np.ndarray]:
         key = (epoch, chunk)
@@ -178,8 +175,8 @@ class DocStream:
             hit = self._chunk_cache[src] = (key, ids, texts, ok)
         return hit[1], hit[2], hit[3]
 
-    def _next_from(self, src: int) -> tuple[int, str, str, int, tuple]:
-        """The next usable document of `src`: (epoch, id, text, skip, cursor pointing at it)."""
+    def _next_from(self, src: int) -> tuple[str, int, tuple]:
+        """The next usable document of `src`: (text, skip, cursor pointing at it)."""
         dealer = self.dealer(src)
         misses, limit = 0, self.sources[src].rows + 1
         while True:
@@ -198,25 +195,25 @@ class DocStream:
                     pending = ((p0[0], p0[1], p0[2], carry),) + pending[1:]
             self.cursors[src] = (epoch, nxt, pending)
             if good:
-                return pe, ids[row], texts[row], skip, at
+                return texts[row], skip, at
             misses += 1
             if misses > limit:
                 raise UserError(f"{self.sources[src].key} ({self.sources[src].path}) has no usable documents "
                                 f"for {'validation' if self.keep == 'val' else 'training'}")
 
     def __iter__(self) -> Iterator[tuple]:
-        """Yields (origin, key, text, skip).
+        """Yields (origin, text, skip).
 
         origin = (draw counter, cursors, source) positioned exactly at this document: the source's
         cursor points at the document's own row, so a token offset can be attached to that piece.
         """
         while True:
             draws, cursors = self.snapshot()
-            src = self.choose(self.draws)
+            src = self.mix.choose(self.draws)
             self.draws += 1
-            epoch, doc_id, text, skip, at = self._next_from(src)
+            text, skip, at = self._next_from(src)
             origin = (draws, cursors[:src] + (at,) + cursors[src + 1:], src)
-            yield origin, (src, epoch, doc_id), text, skip
+            yield origin, text, skip
 
     def state_at(self, origin: tuple | None, offset: int) -> dict:
         """JSON state resuming at `origin` (a document's snapshot and source) with `offset` tokens emitted."""
@@ -236,21 +233,17 @@ class StreamSpec:
     """Everything a worker needs to build its stream (picklable: sent to DataLoader workers)."""
 
     def __init__(self, sources: list[Source], tokenizer, eos_id: int, seq_len: int, micro_batch: int,
-                 seed: int, shuffle: bool, heldout_fraction: float, trace: bool = False):
+                 seed: int, shuffle: bool, heldout_fraction: float):
         self.sources, self.tokenizer, self.eos_id = sources, tokenizer, eos_id
         self.seq_len, self.micro_batch, self.seed, self.shuffle = seq_len, micro_batch, seed, shuffle
-        self.heldout_fraction, self.trace = heldout_fraction, trace
+        self.heldout_fraction = heldout_fraction
 
     def batches(self, state: dict) -> Iterator[tuple[dict, dict]]:
         """Endless (batch of numpy arrays, stream state after it) from a stream state."""
         docs = DocStream(self.sources, state, self.seed, self.shuffle, self.heldout_fraction, "train")
-        packer = Packer(iter(docs), self.tokenizer, self.eos_id, self.seq_len, trace=self.trace)
-        self.last_packer = packer
+        packer = Packer(iter(docs), self.tokenizer, self.eos_id, self.seq_len)
         while True:
-            windows, spans = packer.windows(self.micro_batch)
-            batch = make_batch(windows, self.eos_id)
-            if self.trace:
-                batch["trace"] = spans
+            batch = make_batch(packer.windows(self.micro_batch), self.eos_id)
             head = packer.head()
             yield batch, docs.state_at(*(head if head else (None, 0)))
 
@@ -264,40 +257,6 @@ def _to_torch(batch: dict) -> dict:
     import torch
 
     return {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in batch.items()}
-
-
-def _identity(x):
-    return x
-
-
-def worker_iter(dataset: IterableDataset, num_workers: int, prefetch: int) -> Iterator:
-    """Iterator over `dataset` run in `num_workers` DataLoader processes (items passed through as is)."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    dl = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
-                    prefetch_factor=prefetch, pin_memory=torch.cuda.is_available(),
-                    worker_init_fn=_ignore_stop_signals)
-    return iter(dl)
-
-
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGUSR1 to the trainer.
-
-    A preemption signal reaches the whole process group (SLURM, `pkill -f`); if it killed the
-    workers, the trainer would die on a broken loader before it could finish its step and save.
-    Workers still exit with the trainer: torch's watchdog stops them when their parent is gone.
-    """
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
-def shutdown_workers(it: Iterator | None) -> None:
-    """Stop the worker processes of a `worker_iter` iterator now (not at garbage collection)."""
-    if it is not None and hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
 
 
 class _WorkerStreams(IterableDataset):
@@ -388,43 +347,15 @@ class TrainLoader:
         self.batches_done = int(d["batches"])
 
 
-def check_state(d: dict, mode: str, rank: int, world: int) -> None:
-    if not isinstance(d, dict) or d.get("format") != "pretrain.loader" or d.get("version") != STATE_VERSION:
-        raise UserError("loader state is not a version-1 pretrain.loader state")
-    if d["mode"] != mode:
-        raise UserError(f"loader state is for data.mode={d['mode']} but data.mode is {mode}")
-    if d["world"] != world or d["rank"] != rank:
-        raise UserError(f"loader state is for rank {d['rank']} of {d['world']}, this is rank {rank} of {world}; "
-                        "convert the states of all ranks with reshard_states() (elastic resume)")
-
-
-def _tokenizer_and_eos(cfg, tokenizer):
-    from data_pipelines.tokenizer import load_tokenizer, separator_id
-
-    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.data.tokenizer)
-    if tok.get_vocab_size() > cfg.model.vocab_size:
-        raise UserError(f"data.tokenizer ({cfg.data.tokenizer}) has {tok.get_vocab_size()} tokens, more than "
-                        f"model.vocab_size ({cfg.model.vocab_size}); raise model.vocab_size")
-    return tok, separator_id(tok)
-
-
-def _heldout_fraction(cfg) -> float:
-    return 0.0 if cfg.data.validation else cfg.data.val_fraction
-
-
-def build_train_loader(cfg, dp_rank: int, dp_world: int, tokenizer=None, trace: bool = False):
-    """The training loader of data-parallel rank `dp_rank` of `dp_world` (streaming or pretokenized)."""
+def build_stream_loader(cfg, dp_rank: int, dp_world: int, tokenizer=None) -> TrainLoader:
+    """The streaming training loader of data-parallel rank `dp_rank` of `dp_world`."""
     d = cfg.data
-    if d.mode == "pretokenized":
-        from data_pipelines.pretokenize import PretokenizedLoader
-
-        return PretokenizedLoader(cfg, dp_rank, dp_world, trace=trace)
     sources = open_sources(d.sources, "data.sources", d.require_scrubbed, d.chunk_docs)
     # the privacy gate covers validation sources too, before training starts
     val_sources = open_sources(d.validation, "data.validation", d.require_scrubbed, d.chunk_docs)
-    tok, eos = _tokenizer_and_eos(cfg, tokenizer)
+    tok, eos = tokenizer_and_eos(cfg, tokenizer)
     spec = StreamSpec(sources, tok, eos, d.seq_len, cfg.train.micro_batch_size, cfg.run.seed, d.shuffle,
-                      _heldout_fraction(cfg), trace)
+                      heldout_fraction(cfg))
     unscrubbed = [s.path for s in sources + val_sources if not s.scrubbed]
     loader = TrainLoader(spec, dp_rank, dp_world, d.num_workers, d.prefetch, unscrubbed, d.chunk_docs)
     DocStream(sources, loader.streams[0], cfg.run.seed, d.shuffle)  # checks chunks >= streams now, not in a worker
@@ -484,11 +415,11 @@ class ValLoader:
 
         def cycle():
             while True:
-                for j, text in enumerate(docs):
-                    yield None, ("val", j), text, 0
+                for text in docs:
+                    yield None, text, 0
 
         packer = Packer(cycle(), self.tok, self.eos, self.L)
-        return [_to_torch(make_batch(packer.windows(self.mb)[0], self.eos)) for _ in range(self.n)]
+        return [_to_torch(make_batch(packer.windows(self.mb), self.eos)) for _ in range(self.n)]
 
     def __iter__(self) -> Iterator[dict]:
         if self._batches is None:
@@ -500,6 +431,7 @@ class ValLoader:
 
 
 def build_val_loader(cfg, dp_rank: int, dp_world: int, tokenizer=None) -> ValLoader:
+    """Validation batches of rank `dp_rank`, read from the sources in either data.mode (they are few)."""
     d = cfg.data
     if d.validation:
         sources = open_sources(d.validation, "data.validation", d.require_scrubbed, d.chunk_docs)
@@ -510,7 +442,7 @@ def build_val_loader(cfg, dp_rank: int, dp_world: int, tokenizer=None) -> ValLoa
         if frac <= 0:
             raise UserError("no validation data: set data.validation sources or data.val_fraction > 0 "
                             "(or train.eval_every=0)")
-    tok, eos = _tokenizer_and_eos(cfg, tokenizer)
+    tok, eos = tokenizer_and_eos(cfg, tokenizer)
     return ValLoader(sources, tok, eos, d.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches,
                      dp_rank, dp_world, frac, keep)
 
@@ -520,24 +452,14 @@ def build_val_loader(cfg, dp_rank: int, dp_world: int, tokenizer=None) -> ValLoa
 # ------------------------------------------------------------------------------------------------
 
 
-def reshard_states(states: list[dict], new_world: int, num_workers: int | None = None) -> list[dict]:
-    """Loader states of every old rank -> states for each of `new_world` ranks (see module doc).
+def reshard_stream_states(states: list[dict], new_world: int, num_workers: int | None = None) -> list[dict]:
+    """Streaming loader states of every old rank -> states for each of `new_world` ranks (see module doc).
 
     Pure function. `num_workers` defaults to the old streams per rank. No document (token) of any
     epoch is repeated or skipped across the resize.
     """
-    if not states:
-        raise UserError("reshard_states needs the loader state of every old rank, got none")
-    world = states[0]["world"]
-    by_rank = sorted(states, key=lambda s: s["rank"])
-    if [s["rank"] for s in by_rank] != list(range(world)) or any(s["world"] != world for s in by_rank):
-        raise UserError(f"reshard_states needs the states of ranks 0..{world - 1} of one run, "
-                        f"got ranks {[s['rank'] for s in states]}")
-    first = by_rank[0]
-    if first["mode"] == "pretokenized":
-        from data_pipelines.pretokenize import reshard_pretokenized
-
-        return reshard_pretokenized(by_rank, new_world)
+    by_rank = every_rank(states)
+    first, world = by_rank[0], by_rank[0]["world"]
     W_new = max(1, num_workers) if num_workers is not None else first["workers"]
     S_old, S_new = world * first["workers"], new_world * W_new
     old = [st for s in by_rank for st in sorted(s["streams"], key=lambda x: x["stream"])]

@@ -19,7 +19,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_pipelines.filters.pii_types import DOCUMENT_SEPARATOR, PLACEHOLDERS
+from data_pipelines.sources import Source
 from pretrain.errors import UserError
+from pretrain.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +32,6 @@ SEPARATOR_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|
 
 def special_tokens(manifest: dict | None = None) -> list[str]:
     """The separator first (id 0), then one token per PII placeholder (ours and the manifest's)."""
-    from data_pipelines.filters.pii_types import DOCUMENT_SEPARATOR, PLACEHOLDERS
-
     tokens = [DOCUMENT_SEPARATOR, *PLACEHOLDERS.values()]
     if manifest:
         tokens += sorted((manifest.get("pii") or {}).get("placeholders", {}).values())
@@ -80,9 +81,6 @@ def build_bpe(vocab_size: int, min_frequency: int, specials: list[str]):
 
 def train_tokenizer(cfg) -> int:
     """`python -m data_pipelines train-tokenizer`: BPE on `tokenizer.input`, written to `tokenizer.output`."""
-    from data_pipelines.sources import Source
-    from pretrain.fileio import write_text_atomic
-
     t = cfg.tokenizer
     source = Source("tokenizer", t.input, 1.0, "text", "tokenizer.input", cfg.data.require_scrubbed, 256)
     specials = special_tokens(source.manifest)

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipelines.loaders import build_train_loader, reshard_states
 from data_pipelines.pretokenize import pretokenize, token_dtype
 from data_pipelines.sources import is_heldout
-from data_pipelines.stream import build_train_loader, reshard_states
 from data_pipelines.tokenizer import load_tokenizer
 from pretrain.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _loader_fixtures import MB, SEQ, make_cfg, make_corpus, write_word_tokenizer  # noqa: E402
+from _loader_fixtures import MB, SEQ, make_cfg, make_corpus, words, write_word_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +49,29 @@ def test_shards_hold_the_training_documents_joined_by_the_separator(corpus, pret
     assert pretokenize(pretok) == 0 and (out / "index.json").stat().st_mtime_ns == mtime  # up to date: no work
 
 
+def windows(batches: list[dict]) -> list[tuple[int, ...]]:
+    """Every sample (row) of the batches as its seq_len + 1 token ids."""
+    return [tuple(i) + (lab[-1],) for b in batches
+            for i, lab in zip(b["input_ids"].tolist(), b["labels"].tolist(), strict=True)]
+
+
+def source_samples(pretok, src: int) -> set[tuple[int, ...]]:
+    """Every sample of a source, cut from its shard files: seq_len + 1 tokens, overlapping by one."""
+    out = Path(pretok.data.pretokenized_dir)
+    index = json.loads((out / "index.json").read_text())
+    samples = set()
+    for sh in index["sources"][src]["shards"]:
+        tokens = np.fromfile(out / sh["path"], dtype=np.uint16).tolist()
+        samples |= {tuple(tokens[i * SEQ:i * SEQ + SEQ + 1]) for i in range((len(tokens) - 1) // SEQ)}
+    return samples
+
+
 def test_token_dtype():
     assert token_dtype(65_535) == np.uint16 and token_dtype(65_536) == np.uint32
 
 
-def test_batches_resume_and_mix(pretok):
-    lo = build_train_loader(pretok, 0, 1, trace=True)
+def test_batches_resume_and_mix(corpus, pretok):
+    lo = build_train_loader(pretok, 0, 1)
     batches = [next(lo) for _ in range(400)]
     b = batches[0]
     assert b["input_ids"].shape == (MB, SEQ) and torch.equal(b["labels"][:, :-1], b["input_ids"][:, 1:])
@@ -62,13 +79,15 @@ def test_batches_resume_and_mix(pretok):
     for r, t in eos_rows.tolist():  # positions restart after each separator
         if t + 1 < SEQ:
             assert b["position_ids"][r, t + 1] == 0 and b["doc_ids"][r, t + 1] == b["doc_ids"][r, t] + 1
-    srcs = Counter(s for x in batches for s, _, _ in x["trace"])
-    assert 0.68 < srcs[0] / sum(srcs.values()) < 0.82  # weights 3:1
-    # every epoch is a permutation of the source's samples: no sample twice before all were seen
-    per_epoch = Counter((s, e, i) for x in batches for s, e, i in x["trace"])
-    assert max(per_epoch.values()) == 1
-    n_a = lo.n_samples[0]
-    assert {i for (s, e, i) in per_epoch if s == 0 and e == 0} == set(range(n_a))
+    rows = windows(batches)
+    srcs = Counter("a" if words(corpus, list(w), "d") else "b" for w in rows)  # a sample lies in one source
+    assert 0.68 < srcs["a"] / len(rows) < 0.82  # weights 3:1
+    # every epoch is a permutation of the source's samples: all of them before any twice
+    for name, src in (("a", 0), ("b", 1)):
+        mine = [w for w in rows if bool(words(corpus, list(w), "d")) == (name == "a")]
+        every = source_samples(pretok, src)
+        assert len(mine) > len(every)  # the run went past the first epoch
+        assert len(set(mine[:len(every)])) == len(every) and set(mine[:len(every)]) == every, name
 
     fresh = build_train_loader(pretok, 0, 1)
     head = [next(fresh) for _ in range(5)]
@@ -82,24 +101,24 @@ def test_batches_resume_and_mix(pretok):
 @pytest.mark.slow
 def test_workers_and_elastic_continue_the_global_sample_sequence(pretok):
     # reference: 1 rank; global batch g = samples [g*mb, (g+1)*mb)
-    one = build_train_loader(pretok, 0, 1, trace=True)
-    ref = [s for _ in range(24) for s in next(one)["trace"]]
+    one = build_train_loader(pretok, 0, 1)
+    ref = windows([next(one) for _ in range(24)])
     pretok.data.num_workers = 2
     try:
-        two = [build_train_loader(pretok, r, 2, trace=True) for r in range(2)]
+        two = [build_train_loader(pretok, r, 2) for r in range(2)]
         got = []
         for _ in range(6):  # 6 global batches of 2 ranks = 12 local batches of 1 rank
             for lo in two:
-                got += next(lo)["trace"]
+                got += windows([next(lo)])
         states = [json.loads(json.dumps(lo.state_dict())) for lo in two]
         for lo in two:
             lo.close()
     finally:
         pretok.data.num_workers = 0
     new = reshard_states(states, 1)
-    back = build_train_loader(pretok, 0, 1, trace=True)
+    back = build_train_loader(pretok, 0, 1)
     back.load_state_dict(new[0])
-    got += [s for _ in range(12) for s in next(back)["trace"]]
+    got += windows([next(back) for _ in range(12)])
     assert got == ref
 
 

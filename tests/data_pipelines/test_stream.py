@@ -6,15 +6,15 @@ import logging
 import re
 import subprocess
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from data_pipelines.loaders import build_train_loader, build_val_loader
 from data_pipelines.sources import is_heldout
-from data_pipelines.stream import build_train_loader, build_val_loader
 from pretrain.config import load_config
 from pretrain.errors import UserError
 
@@ -22,11 +22,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _loader_fixtures import (  # noqa: E402
     MB,
     SEQ,
-    assert_exact_cover,
+    assert_epoch_covered,
     doc_len,
-    epoch_spans,
+    find_epoch_cover,
     make_cfg,
     make_corpus,
+    split_streams,
+    stream_ids,
+    words,
 )
 
 
@@ -63,27 +66,28 @@ def test_batch_format_and_document_boundaries(corpus):
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (2, 2)])
 def test_epoch_covers_every_token_once_across_ranks_and_workers(corpus, world, workers):
     cfg = make_cfg(corpus, f"data.num_workers={workers}", mix=True)
-    loaders = [build_train_loader(cfg, r, world, trace=True) for r in range(world)]
+    loaders = [build_train_loader(cfg, r, world) for r in range(world)]
     total = sum(doc_len(corpus, d) for d in [*corpus["a"], *corpus["b"]])
-    batches = []
+    per_rank: list[list[dict]] = [[] for _ in loaders]
     n = 4 * total // (MB * SEQ * world) + 40  # source a (weight 3) runs ~3 epochs, b at least one
     for _ in range(n):
-        batches += [next(lo) for lo in loaders]
+        for got, lo in zip(per_rank, loaders, strict=True):
+            got.append(next(lo))
     for lo in loaders:
         lo.close()
-    spans = epoch_spans(batches)
-    assert_exact_cover(corpus, {k: v for k, v in spans.items() if k[0] == 0}, corpus["a"])
-    assert_exact_cover(corpus, {k: v for k, v in spans.items() if k[0] == 1}, corpus["b"])
+    streams = [stream_ids(s) for got in per_rank for s in split_streams(got, max(1, workers))]
+    assert_epoch_covered(corpus, [], streams, {name: list(corpus[name]) for name in ("a", "b")})
 
 
 def test_mixing_follows_weights_and_seed(corpus):
     cfg = make_cfg(corpus, mix=True)
-    lo = build_train_loader(cfg, 0, 1, trace=True)
-    starts = Counter()  # documents drawn per source (a document's first token marks its draw)
+    lo = build_train_loader(cfg, 0, 1)
     batches = [next(lo) for _ in range(300)]
-    for b in batches:
-        starts.update(k[0] for row in b["trace"] for k, s, _ in row if s == 0)
-    share = starts[0] / (starts[0] + starts[1])
+    ids = stream_ids(batches)
+    starts = Counter()  # documents drawn per source (a document's first word marks its draw)
+    for prefix in ("d", "m"):
+        starts[prefix] = sum(j == 0 for _, j in words(corpus, ids, prefix))
+    share = starts["d"] / (starts["d"] + starts["m"])
     assert 0.68 < share < 0.82, share  # weights 3:1
     same = build_train_loader(cfg, 0, 1)
     assert torch.equal(next(same)["input_ids"], batches[0]["input_ids"])
@@ -92,20 +96,22 @@ def test_mixing_follows_weights_and_seed(corpus):
 
 
 def test_shuffle_changes_order_and_can_be_off(corpus):
-    ordered = build_train_loader(make_cfg(corpus, "data.shuffle=false"), 0, 1, trace=True)
-    keys = [row[0][0][0][2] for row in [next(ordered)["trace"] for _ in range(3)]]
-    assert keys[0] == "d-0"  # file order
-    shuffled = build_train_loader(make_cfg(corpus), 0, 1, trace=True)
-    assert [row[0][0][0][2] for row in [next(shuffled)["trace"] for _ in range(3)]] != keys
+    def first_docs(loader):  # the documents of the first 12 rows, in order
+        docs = [d for d, _ in words(corpus, stream_ids([next(loader) for _ in range(6)]), "d")]
+        return [d for i, d in enumerate(docs) if i == 0 or docs[i - 1] != d]
+
+    ordered = first_docs(build_train_loader(make_cfg(corpus, "data.shuffle=false"), 0, 1))
+    assert ordered == [f"d-{k}" for k in range(len(ordered))]  # file order
+    assert first_docs(build_train_loader(make_cfg(corpus), 0, 1)) != ordered
 
 
 def test_heldout_documents_never_reach_training_and_form_validation(corpus):
     cfg = make_cfg(corpus, "train.eval_batches=3", val_fraction=0.25)
     held = {d for d in corpus["a"] if is_heldout(d, 0.25)}
     assert 5 < len(held) < 30
-    lo = build_train_loader(cfg, 0, 1, trace=True)
+    lo = build_train_loader(cfg, 0, 1)
     batches = [next(lo) for _ in range(80)]  # > 1 epoch of the training documents
-    seen = {k[2] for b in batches for row in b["trace"] for k, _, _ in row}
+    seen = {d for d, _ in words(corpus, stream_ids(batches), "d")}
     assert seen == set(corpus["a"]) - held
     table = corpus["table"]
     val = list(build_val_loader(cfg, 0, 1))
@@ -195,28 +201,26 @@ def test_real_corpus_epoch_decodes_back_to_every_training_document(scrubbed_corp
     for f in shard_files(scrubbed_corpus):
         t = pq.read_table(f, columns=["id", "text"])
         texts.update(zip(t.column("id").to_pylist(), t.column("text").to_pylist(), strict=True))
-    loaders = [build_train_loader(cfg, r, 2, trace=True) for r in range(2)]
-    pieces = defaultdict(list)
-    done = [False, False]
-    while not all(done):
-        for r, lo in enumerate(loaders):
-            b = next(lo)
-            for ids, row in zip(b["input_ids"].tolist(), b["trace"], strict=True):
-                pos = 0
-                for (_, epoch, doc_id), s, e in row:
-                    if epoch == 0:
-                        pieces[doc_id].append((s, ids[pos:pos + e - s]))
-                    else:
-                        done[r] = True  # a rank's stream finishes epoch 0 before it starts epoch 1
-                    pos += e - s
-    assert set(pieces) == {d for d in texts if not is_heldout(d, 0.05)}
+    by_text = {text: doc_id for doc_id, text in texts.items()}
+    assert len(by_text) == len(texts)
+    expected = {d for d in texts if not is_heldout(d, 0.05)}
     tok = load_tokenizer(tokenizer_path)
-    for doc_id, parts in pieces.items():
-        parts.sort()
-        tokens = [t for _, p in parts for t in p]
-        assert [s for s, _ in parts] == list(np.cumsum([0] + [len(p) for _, p in parts[:-1]]))
-        assert tokens[-1] == 0 and 0 not in tokens[:-1]
-        assert tok.decode(tokens[:-1], skip_special_tokens=False) == texts[doc_id]
+    loaders = [build_train_loader(cfg, r, 2) for r in range(2)]
+    emitted: list[list[int]] = [[], []]
+    docs: list[list[str]] = [[], []]
+    for _ in range(200):  # until each rank's documents, up to a cut, are one epoch exactly
+        for r, lo in enumerate(loaders):
+            emitted[r] += stream_ids([next(lo) for _ in range(5)])
+            cut = len(emitted[r]) - emitted[r][::-1].index(0)  # up to the last complete document
+            pieces = np.split(np.array(emitted[r][:cut]), np.flatnonzero(np.array(emitted[r][:cut]) == 0) + 1)[:-1]
+            texts_r = [tok.decode(p[:-1].tolist(), skip_special_tokens=False) for p in pieces]
+            unknown = [x[:60] for x in texts_r if x not in by_text]
+            assert not unknown, f"rank {r} emitted text that is no training document (byte-exact): {unknown[:3]}"
+            docs[r] = [by_text[x] for x in texts_r]
+        if find_epoch_cover([], docs, expected, lambda _: True):
+            break
+    else:
+        raise AssertionError("the two ranks never covered the epoch exactly once")
 
 
 def test_truncated_unscrubbed_jsonl_source_is_a_user_error(corpus, tmp_path):
@@ -239,7 +243,7 @@ def test_workers_survive_preemption_signals(corpus):
 
     loader = build_train_loader(make_cfg(corpus, "data.num_workers=2"), 0, 1)
     try:
-        next(loader)
+        next(loader), next(loader)  # both workers delivered, so both have run their init (signal set-up)
         workers = loader._dl_iter._workers
         assert len(workers) == 2
         for w in workers:

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from data_pipelines.stream import build_train_loader, reshard_states
+from data_pipelines.loaders import build_train_loader, reshard_states
+from data_pipelines.sources import ShardReader, is_heldout
+from data_pipelines.tokenizer import load_tokenizer
 from pretrain.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _loader_fixtures import assert_exact_cover, epoch_spans, make_cfg, make_corpus  # noqa: E402
+from _loader_fixtures import (  # noqa: E402
+    assert_epoch_covered,
+    make_cfg,
+    make_corpus,
+    split_streams,
+    stream_ids,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,90 +86,106 @@ def test_state_from_another_world_or_config_is_refused(corpus):
         build_train_loader(make_cfg(corpus, "data.chunk_docs=5"), 0, 2).load_state_dict(s)
 
 
-def _restore_cost(cfg, n_batches):
+class CountingTokenizer:
+    """The real tokenizer, counting the documents it encodes (what a restore re-tokenizes)."""
+
+    def __init__(self, path):
+        self.tok, self.docs = load_tokenizer(path), 0
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def encode_batch(self, texts, **kw):
+        self.docs += len(texts)
+        return self.tok.encode_batch(texts, **kw)
+
+
+def _restore_cost(cfg, n_batches, monkeypatch):
+    """(rows read from storage, documents tokenized) to restore after `n_batches` and produce the next batch."""
     lo = build_train_loader(cfg, 0, 1)
     for _ in range(n_batches):
         next(lo)
     state = roundtrip(lo.state_dict())
-    fresh = build_train_loader(cfg, 0, 1)
-    fresh.load_state_dict(state)
-    t0 = time.perf_counter()
-    batch = next(fresh)
-    elapsed = time.perf_counter() - t0
-    rows = sum(s.reader.rows_read for s in fresh.spec.sources)
+    rows = []
+    read = ShardReader.read
+
+    def counting_read(self, shard, start, end):
+        ids, texts = read(self, shard, start, end)
+        rows.append(len(ids))
+        return ids, texts
+
+    tok = CountingTokenizer(cfg.data.tokenizer)
+    with monkeypatch.context() as m:
+        m.setattr(ShardReader, "read", counting_read)
+        fresh = build_train_loader(cfg, 0, 1, tokenizer=tok)
+        fresh.load_state_dict(state)
+        batch = next(fresh)
     assert torch.equal(batch["input_ids"], next(lo)["input_ids"])
-    return rows, fresh.spec.last_packer.docs_tokenized, elapsed
+    return sum(rows), tok.docs
 
 
 @pytest.mark.slow
-def test_restore_cost_does_not_grow_with_progress(corpus):
+def test_restore_cost_does_not_grow_with_progress(corpus, monkeypatch):
     cfg = make_cfg(corpus, mix=True)
-    rows_10, docs_10, t_10 = _restore_cost(cfg, 10)
-    rows_10k, docs_10k, t_10k = _restore_cost(cfg, 10_000)  # ~150 epochs in
-    print(f"restore after 10 batches: {rows_10} rows read, {docs_10} docs tokenized, {t_10 * 1e3:.1f} ms; "
-          f"after 10,000: {rows_10k} rows, {docs_10k} docs, {t_10k * 1e3:.1f} ms")
+    rows_10, docs_10 = _restore_cost(cfg, 10, monkeypatch)
+    rows_10k, docs_10k = _restore_cost(cfg, 10_000, monkeypatch)  # ~150 epochs in
+    print(f"restore after 10 batches: {rows_10} rows read, {docs_10} docs tokenized; after 10,000: {rows_10k} rows, {docs_10k} docs")
     # A constant, whatever the progress: the packer reads ahead one tokenizer batch (32 documents,
-    # so at most 9 four-document chunks of two 7-row parquet groups each, plus the 30-row jsonl.zst
-    # shard). The uninterrupted run read about 16,000 documents to get there.
-    assert rows_10 <= 9 * 14 + 30 and rows_10k <= 9 * 14 + 30
-    assert docs_10 <= 32 and docs_10k <= 32
-    assert t_10k < 0.5  # milliseconds in practice; a loader that spins would take seconds
+    # i.e. at most 32 + 2 four-document chunk reads: a chunk per document and the two pieces the
+    # state points into). The uninterrupted run read about 16,000 documents to get there.
+    assert 0 < rows_10 <= (32 + 2) * 4 and 0 < rows_10k <= (32 + 2) * 4
+    assert 0 < docs_10 <= 32 and 0 < docs_10k <= 32
 
 
 def _run(loaders, n):
-    out = []
+    """n batches of each loader, per loader."""
+    out = [[] for _ in loaders]
     for _ in range(n):
-        out += [next(lo) for lo in loaders]
+        for got, lo in zip(out, loaders, strict=True):
+            got.append(next(lo))
     return out
+
+
+def _resumed(cfg, states, world):
+    loaders = [build_train_loader(cfg, r, world) for r in range(world)]
+    for lo, s in zip(loaders, states, strict=True):
+        lo.load_state_dict(roundtrip(s))
+    return loaders
 
 
 @pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2)])
 def test_elastic_reshard_neither_repeats_nor_skips(corpus, old_world, new_world):
+    """Resize, then resize back: judged from the emitted token ids (decoded to documents and words)."""
     cfg = make_cfg(corpus, "data.val_fraction=0.1", mix=True)
-    before = [build_train_loader(cfg, r, old_world, trace=True) for r in range(old_world)]
-    seen = _run(before, 23)  # mid-epoch, mid-document, partly filled buffers
-    states = [roundtrip(lo.state_dict()) for lo in before]
-    new_states = reshard_states(states, new_world)
+    before = [build_train_loader(cfg, r, old_world) for r in range(old_world)]
+    first = _run(before, 8)  # mid-epoch, mid-document, partly filled buffers; inside epoch 0 of both sources
+    new_states = reshard_states([roundtrip(lo.state_dict()) for lo in before], new_world)
     assert [s["rank"] for s in new_states] == list(range(new_world))
-    after = [build_train_loader(cfg, r, new_world, trace=True) for r in range(new_world)]
-    for lo, s in zip(after, new_states, strict=True):
-        lo.load_state_dict(roundtrip(s))
-    seen += _run(after, 400 // new_world)  # to well past the end of epoch 0 of both sources
-    from data_pipelines.sources import is_heldout
-
-    spans = epoch_spans(seen)
-    for src, name in ((0, "a"), (1, "b")):
-        train_ids = [d for d in corpus[name] if not is_heldout(d, 0.1)]
-        assert_exact_cover(corpus, {k: v for k, v in spans.items() if k[0] == src}, train_ids)
-    # and twice: resize back, the next epoch is still covered exactly once
-    states = reshard_states([roundtrip(lo.state_dict()) for lo in after], old_world)
-    back = [build_train_loader(cfg, r, old_world, trace=True) for r in range(old_world)]
-    for lo, s in zip(back, states, strict=True):
-        lo.load_state_dict(s)
-    epochs = {k[1] for b in seen for row in b["trace"] for k, _, _ in row if k[0] == 1}
-    last = max(epochs)  # source b's current epoch: finish it after the second resize
-    seen += _run(back, 500 // old_world)
-    spans = epoch_spans(seen, epoch=last)
-    train_b = [d for d in corpus["b"] if not is_heldout(d, 0.1)]
-    assert_exact_cover(corpus, {k: v for k, v in spans.items() if k[0] == 1}, train_b)
+    after = _resumed(cfg, new_states, new_world)
+    middle = _run(after, 4)  # still inside epoch 0
+    back = _resumed(cfg, reshard_states([roundtrip(lo.state_dict()) for lo in after], old_world), old_world)
+    last = _run(back, 400 // old_world)  # to well past the end of epoch 0 of both sources
+    expected = {name: [d for d in corpus[name] if not is_heldout(d, 0.1)] for name in ("a", "b")}
+    assert_epoch_covered(corpus, [stream_ids(b) for b in first + middle], [stream_ids(b) for b in last], expected)
 
 
 @pytest.mark.slow
 def test_elastic_reshard_with_workers(corpus):
     """2 ranks x 2 workers -> 1 rank x 2 workers."""
     cfg = make_cfg(corpus, "data.num_workers=2", mix=True)
-    before = [build_train_loader(cfg, r, 2, trace=True) for r in range(2)]
-    seen = _run(before, 15)
+    before = [build_train_loader(cfg, r, 2) for r in range(2)]
+    first = _run(before, 6)  # inside epoch 0 of every stream
     states = [roundtrip(lo.state_dict()) for lo in before]
     for lo in before:
         lo.close()
-    after = build_train_loader(cfg, 0, 1, trace=True)
-    after.load_state_dict(reshard_states(states, 1)[0])
-    seen += _run([after], 400)
+    new = reshard_states(states, 1)[0]
+    after = build_train_loader(cfg, 0, 1)
+    after.load_state_dict(new)
+    last = _run([after], 400)[0]
     after.close()
-    spans = epoch_spans(seen)
-    assert_exact_cover(corpus, {k: v for k, v in spans.items() if k[0] == 0}, corpus["a"])
-    assert_exact_cover(corpus, {k: v for k, v in spans.items() if k[0] == 1}, corpus["b"])
+    fixed = [stream_ids(s) for b in first for s in split_streams(b, 2)]
+    open_ = [stream_ids(s) for s in split_streams(last, 2, new["next_worker"])]
+    assert_epoch_covered(corpus, fixed, open_, {name: list(corpus[name]) for name in ("a", "b")})
 
 
 def test_reshard_needs_every_rank(corpus):
