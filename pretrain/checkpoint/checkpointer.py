@@ -10,7 +10,6 @@ universal if the plan says so -> load the engine -> this rank's loader state -> 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -21,11 +20,7 @@ from data_pipelines.loaders import reshard_states, source_summaries
 from pretrain.checkpoint.format import (
     CONFIG_FILE,
     ENGINE_TAG,
-    FORMAT,
-    FORMAT_VERSION,
-    LATEST,
     MARKER,
-    META,
     TOKENIZER_FILE,
     UNIVERSAL_TAG,
     CheckpointError,
@@ -37,12 +32,16 @@ from pretrain.checkpoint.format import (
     payload_files,
     point_latest,
     prune,
-    rank_file_name,
     read_marker,
+    read_meta,
+    read_rank_files,
+    remove_latest_pointer,
     step_dir_name,
     utc_now,
     verify_checkpoint,
     write_marker,
+    write_meta,
+    write_rank_file,
 )
 from pretrain.checkpoint.plan import (
     LOADER_AS_SAVED,
@@ -58,7 +57,7 @@ from pretrain.checkpoint.weights import convert_to_universal
 from pretrain.config import Config, save_resolved, to_dict
 from pretrain.dist import DistInfo, all_gather_objects, barrier, broadcast_flag, broadcast_object
 from pretrain.faults import fault_point
-from pretrain.fileio import fsync_dir, write_json_atomic
+from pretrain.fileio import fsync_dir
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -117,17 +116,8 @@ class Checkpointer:
         self.engine.save_checkpoint(str(step_dir), tag=ENGINE_TAG, client_state={"step": state.step}, save_latest=False)
         fault_point("after_engine", state.step)
         # 2. Our per-rank state.
-        write_json_atomic(
-            step_dir / rank_file_name(rank),
-            {
-                "format": FORMAT,
-                "rank": rank,
-                "world_size": world,
-                "train_state": dataclasses.asdict(state),
-                "loader": loader_state,
-                "rng": rng_state(),
-            },
-        )
+        write_rank_file(step_dir, rank, world_size=world, train_state=dataclasses.asdict(state), loader=loader_state,
+                        rng=rng_state())
         fault_point("after_rank_file", state.step)
         # 3. Run-level files (rank 0).
         if rank == 0:
@@ -182,22 +172,18 @@ class Checkpointer:
                 versions[mod] = __import__(mod).__version__
             except Exception:  # version reporting must never fail a save
                 versions[mod] = None
-        write_json_atomic(
-            step_dir / META,
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "step": state.step,
-                "tokens_seen": state.tokens_seen,
-                "world_size": world,
-                "zero_stage": self.cfg.deepspeed.zero_stage,
-                "precision": self.cfg.train.precision,
-                "model": to_dict(self.cfg)["model"],
-                "tokenizer": tok,
-                "tokenizer_source": str(Path(self.tokenizer_path).resolve()) if self.tokenizer_path else None,
-                "scrub_manifests": source_summaries(self.cfg),
-                "versions": versions,
-            },
+        write_meta(
+            step_dir,
+            step=state.step,
+            tokens_seen=state.tokens_seen,
+            world_size=world,
+            zero_stage=self.cfg.deepspeed.zero_stage,
+            precision=self.cfg.train.precision,
+            model=to_dict(self.cfg)["model"],
+            tokenizer=tok,
+            tokenizer_source=str(Path(self.tokenizer_path).resolve()) if self.tokenizer_path else None,
+            scrub_manifests=source_summaries(self.cfg),
+            versions=versions,
         )
 
     # ---- resume -------------------------------------------------------------------------
@@ -227,18 +213,16 @@ class Checkpointer:
             doomed = [p for s, p in list_checkpoints(self.dir) if s > choice.delete_after]
             for p in doomed:
                 delete_checkpoint(p)
-            (self.dir / LATEST).unlink(missing_ok=True)
+            remove_latest_pointer(self.dir)
             log.warning("checkpoint.overwrite=true: deleted %s in %s", ", ".join(p.name for p in doomed), self.dir)
         barrier()
 
     def _load(self, step_dir: Path) -> tuple[TrainState, dict | None]:
         t0 = time.monotonic()
         self._verify_distributed(step_dir)
-        meta = json.loads((step_dir / META).read_text())
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{step_dir / META} is not a {FORMAT} file")
+        meta = read_meta(step_dir)
         check_same_model(step_dir, meta["model"], to_dict(self.cfg)["model"])
-        per_rank = self._read_rank_files(step_dir, int(meta["world_size"]))
+        per_rank = read_rank_files(step_dir, int(meta["world_size"]))
         plan = plan_resume(step_dir, meta, [r["loader"] for r in per_rank], self.info.world_size,
                            self.cfg.deepspeed.zero_stage, self.cfg.data.num_workers)
         if plan.universal:
@@ -266,13 +250,6 @@ class Checkpointer:
         if all_problems:
             raise CheckpointError(f"refusing checkpoint {step_dir}:\n  " + "\n  ".join(sorted(set(all_problems))))
         return marker
-
-    @staticmethod
-    def _read_rank_files(step_dir: Path, saved_world: int) -> list[dict]:
-        rank_files = sorted(step_dir.glob("rank_*.json"))
-        if len(rank_files) != saved_world:
-            raise CheckpointError(f"checkpoint {step_dir} has {len(rank_files)} rank_*.json files for world size {saved_world}")
-        return [json.loads(p.read_text()) for p in rank_files]
 
     def _ensure_universal(self, plan: ResumePlan) -> None:
         """Convert the ZeRO shards to DeepSpeed's universal format once (rank 0), with its own marker."""

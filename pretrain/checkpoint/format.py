@@ -126,6 +126,38 @@ def read_marker(step_dir: str | os.PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Our JSON files: meta.json (run level) and rank_NNNNN.json (per rank)
+# --------------------------------------------------------------------------------------------
+
+
+def write_meta(step_dir: Path, **fields) -> None:
+    write_json_atomic(step_dir / META, {"format": FORMAT, "format_version": FORMAT_VERSION, **fields})
+
+
+def read_meta(step_dir: Path) -> dict:
+    meta = json.loads((step_dir / META).read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{step_dir / META} is not a {FORMAT} file")
+    return meta
+
+
+def write_rank_file(step_dir: Path, rank: int, **fields) -> None:
+    write_json_atomic(step_dir / rank_file_name(rank), {"format": FORMAT, "rank": rank, **fields})
+
+
+def read_rank_files(step_dir: Path, saved_world: int) -> list[dict]:
+    """Every saved rank's file, by rank; CheckpointError unless there is one per saved rank."""
+    rank_files = sorted(step_dir.glob("rank_*.json"))
+    if len(rank_files) != saved_world:
+        raise CheckpointError(f"checkpoint {step_dir} has {len(rank_files)} rank_*.json files for world size {saved_world}")
+    return [json.loads(p.read_text()) for p in rank_files]
+
+
+def remove_latest_pointer(ckpt_dir: Path) -> None:
+    (ckpt_dir / LATEST).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
 # Verification: one chain (sizes -> sha256 -> weights-only pickle scan) used everywhere
 # --------------------------------------------------------------------------------------------
 

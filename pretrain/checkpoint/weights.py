@@ -4,7 +4,6 @@ generate, the checkpoint's own config, and the universal conversion an elastic r
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -16,10 +15,10 @@ import torch
 from pretrain.checkpoint.format import (
     CONFIG_FILE,
     ENGINE_TAG,
-    META,
     UNIVERSAL_TAG,
     CheckpointError,
     hash_files,
+    read_meta,
     verify_checkpoint,
     write_marker,
 )
@@ -41,7 +40,7 @@ def _clean_key(k: str) -> str:
 def load_checkpoint_config(step_dir: str | os.PathLike) -> Config:
     """The resolved config a checkpoint was written with, for the world size it was written on."""
     step_dir = Path(step_dir)
-    meta = json.loads((step_dir / META).read_text())
+    meta = read_meta(step_dir)
     return load_config(step_dir / CONFIG_FILE, world_size=int(meta["world_size"]))
 
 
