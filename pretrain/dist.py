@@ -12,7 +12,9 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from pretrain.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,6 @@ def init_distributed() -> DistInfo:
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     if world > 1 and "MASTER_ADDR" not in os.environ and _env_int("SLURM_NNODES", default=1) > 1:
-        from pretrain.errors import UserError
-
         raise UserError(
             f"srun started {world} ranks on {os.environ['SLURM_NNODES']} nodes (SLURM_NNODES) but MASTER_ADDR is not "
             "set, so ranks on other nodes cannot reach rank 0: use launch/slurm.sbatch (torchrun), or export "
@@ -110,6 +110,59 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
             out.append(a)
         i += 1
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Collectives that degrade to no-ops in a single process (plain `python`, unit tests)
+# --------------------------------------------------------------------------------------------
+
+
+def dist_on() -> bool:
+    """True when more than one rank takes part, i.e. when a collective must really run."""
+    import torch.distributed as torch_dist  # torch loads on first use: the CLI parses configs without it
+
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if dist_on():
+        import torch.distributed as torch_dist  # torch loads on first use, see dist_on
+
+        torch_dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as rank ``src`` holds it, on every rank (any picklable object)."""
+    if not dist_on():
+        return obj
+    import torch.distributed as torch_dist  # torch loads on first use, see dist_on
+
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list:
+    """Every rank's ``obj``, indexed by rank, on every rank."""
+    if not dist_on():
+        return [obj]
+    import torch.distributed as torch_dist  # torch loads on first use, see dist_on
+
+    out: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_flag(flag: bool, device: str, src: int = 0) -> bool:
+    """Rank ``src``'s boolean on every rank, as a tensor on ``device`` (NCCL needs CUDA tensors)."""
+    if not dist_on():
+        return flag
+    import torch  # torch loads on first use, see dist_on
+    import torch.distributed as torch_dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    torch_dist.broadcast(t, src=src)
+    return bool(t.item())
 
 
 def exit_process(code: int | str | None) -> NoReturn:

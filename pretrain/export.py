@@ -14,7 +14,10 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from pretrain.checkpoint import (
     TOKENIZER_FILE,
@@ -24,13 +27,10 @@ from pretrain.checkpoint import (
     resolve_checkpoint,
     verify_checkpoint,
 )
+from pretrain.config import ModelConfig
 from pretrain.errors import UserError
 from pretrain.fileio import write_json_atomic
-
-if TYPE_CHECKING:
-    import torch
-
-    from pretrain.config import ModelConfig
+from pretrain.model import ffn_hidden_size, n_kv_heads, padded_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,6 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Llama weights -> ours, zero-padding the vocabulary rows up to model.vocab_multiple_of."""
-    import torch
-
-    from pretrain.model import padded_vocab_size
-
     pad = padded_vocab_size(cfg)
     out = {}
     for k, v in hf.items():
@@ -117,8 +113,6 @@ def _expected_names(cfg: ModelConfig) -> set[str]:
 
 
 def hf_config(cfg: ModelConfig, dtype: str, eos_id: int | None) -> dict:
-    from pretrain.model import ffn_hidden_size, n_kv_heads
-
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -151,8 +145,6 @@ def hf_config(cfg: ModelConfig, dtype: str, eos_id: int | None) -> dict:
 
 def model_config_from_hf(config: dict, source: str | os.PathLike = "config.json") -> ModelConfig:
     """The ModelConfig of an exported directory's config.json (for `generate`)."""
-    from pretrain.config import ModelConfig
-
     if config.get("model_type") != "llama":
         raise UserError(f"{source} has model_type {config.get('model_type')!r}; only exported Llama models are supported")
     rope = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
@@ -178,8 +170,6 @@ def _tokenizer_files(step_dir: Path, out: Path, cfg_max_len: int) -> int | None:
     if not src.is_file():
         log.warning("checkpoint %s holds no tokenizer copy: the export has no tokenizer files", step_dir)
         return None
-    from tokenizers import Tokenizer
-
     shutil.copyfile(src, out / TOKENIZER_FILE)
     eos_id = Tokenizer.from_file(str(src)).token_to_id(EOS_TOKEN)
     if eos_id is None:
@@ -201,9 +191,6 @@ def _tokenizer_files(step_dir: Path, out: Path, cfg_max_len: int) -> int | None:
 
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32") -> Path:
     """Checkpoint (run dir, checkpoint dir or step dir) -> Hugging Face Llama directory ``out``."""
-    import torch
-    from safetensors.torch import save_file
-
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     step_dir = resolve_checkpoint(ckpt)

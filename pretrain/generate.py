@@ -14,13 +14,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
 from pretrain.checkpoint import (
     TOKENIZER_FILE,
     consolidated_state_dict,
     load_checkpoint_config,
     resolve_checkpoint,
 )
+from pretrain.config import ModelConfig
 from pretrain.errors import UserError
+from pretrain.export import EOS_TOKEN, from_hf_state_dict, model_config_from_hf
+from pretrain.model import Transformer
+from pretrain.sampling import generate
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +41,8 @@ def is_export_dir(path: str | os.PathLike) -> bool:
 def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, Any, int | None]:
     """(Transformer in eval mode, tokenizers.Tokenizer or None, eos id or None) from either source."""
 
-    from pretrain.export import EOS_TOKEN, from_hf_state_dict, model_config_from_hf
-    from pretrain.model import Transformer
-
     p = Path(path)
     if is_export_dir(p):
-        from safetensors.torch import load_file
-
-        from pretrain.config import ModelConfig
-
         info_path = p / "export_info.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         if info.get("our_model_config"):
@@ -65,8 +66,6 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> tuple[An
 
     tok, eos_id = None, None
     if (tok_dir / TOKENIZER_FILE).is_file():
-        from tokenizers import Tokenizer
-
         tok = Tokenizer.from_file(str(tok_dir / TOKENIZER_FILE))
         eos_id = tok.token_to_id(EOS_TOKEN)
     return model, tok, eos_id
@@ -76,8 +75,6 @@ def generate_text(model: Any, tok: Any, eos_id: int | None, prompt: str, *, max_
                   temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95,
                   seed: int | None = 0) -> str:
     """Prompt text -> continuation text (without the prompt)."""
-    from pretrain.sampling import generate
-
     ids = tok.encode(prompt, add_special_tokens=False).ids
     if not ids:
         if eos_id is None:
@@ -93,8 +90,6 @@ def generate_text(model: Any, tok: Any, eos_id: int | None, prompt: str, *, max_
 
 def generate_cli(args: Any) -> int:
     """args: checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed."""
-    import torch
-
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
     if args.temperature < 0:

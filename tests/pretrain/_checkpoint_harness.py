@@ -24,6 +24,7 @@ import deepspeed  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import pretrain.checkpoint.checkpointer as checkpointer_module  # noqa: E402
 from pretrain.checkpoint import Checkpointer, TrainState  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 
@@ -52,9 +53,11 @@ ds_config = {
 }
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
+# The loader state here is a global sample index, identical on every rank, so any world size can
+# continue from it: this stands in for data_pipelines.loaders.reshard_states, which expects the
+# stream loader's state.
+checkpointer_module.reshard_states = lambda states, n, workers: [{"next": states[0]["next"]} for _ in range(n)]
 ckpt = Checkpointer(cfg, engine, info, tokenizer_path=None)
-# Global sample index: identical on every rank, so any world size can continue from it.
-ckpt.reshard = lambda states, n, workers: [{"next": states[0]["next"]} for _ in range(n)]
 resumed = ckpt.resume()
 state, loader = (resumed[0], resumed[1]) if resumed else (TrainState(), {"next": 0})
 W = torch.tensor([[0.5 - 0.1 * i] for i in range(16)])

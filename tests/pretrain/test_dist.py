@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 from _trainer_helpers import run_torchrun_script
 
-from pretrain.dist import strip_launcher_args
+from pretrain.dist import (
+    all_gather_objects,
+    barrier,
+    broadcast_flag,
+    broadcast_object,
+    dist_on,
+    strip_launcher_args,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -23,6 +30,15 @@ def test_strip_launcher_args(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK")
     assert strip_launcher_args(["train", "--local_rank", "1", "c.yaml"]) == ["train", "c.yaml"]
     assert os.environ["LOCAL_RANK"] == "1"
+
+
+def test_collectives_are_identities_in_one_process():
+    """Checkpointer calls them unconditionally; without a process group they must not need one."""
+    assert not dist_on()
+    barrier()
+    obj = {"a": [1, 2]}
+    assert broadcast_object(obj) is obj and all_gather_objects(obj) == [obj]
+    assert broadcast_flag(True, "cpu") is True and broadcast_flag(False, "cpu") is False
 
 
 @pytest.mark.slow

@@ -1,0 +1,297 @@
+"""The Checkpointer the trainer drives: when to save (``due``), ``save`` and ``resume``.
+
+Save protocol: every rank writes its engine shards and its rank file, a barrier, the ranks hash
+the files between them, rank 0 writes ``COMPLETE.json`` (tmp + fsync + rename) and only then moves
+``latest`` and prunes. Resume protocol: choose the checkpoint (rank 0) -> verify it (all ranks hash
+a share) -> check the model shape -> plan (world size, ZeRO stage, loader streams) -> convert to
+universal if the plan says so -> load the engine -> this rank's loader state -> RNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from data_pipelines.loaders import reshard_states, source_summaries
+from pretrain.checkpoint.format import (
+    CONFIG_FILE,
+    ENGINE_TAG,
+    MARKER,
+    TOKENIZER_FILE,
+    UNIVERSAL_TAG,
+    CheckpointError,
+    delete_checkpoint,
+    file_problems,
+    hash_files,
+    is_complete,
+    list_checkpoints,
+    payload_files,
+    point_latest,
+    prune,
+    read_marker,
+    read_meta,
+    read_rank_files,
+    remove_latest_pointer,
+    step_dir_name,
+    utc_now,
+    verify_checkpoint,
+    write_marker,
+    write_meta,
+    write_rank_file,
+)
+from pretrain.checkpoint.plan import (
+    LOADER_AS_SAVED,
+    LOADER_RESHARD,
+    ResumeChoice,
+    ResumePlan,
+    check_same_model,
+    choose_checkpoint,
+    plan_resume,
+)
+from pretrain.checkpoint.state import TrainState, rng_state, set_rng_state
+from pretrain.checkpoint.weights import convert_to_universal
+from pretrain.config import Config, save_resolved, to_dict
+from pretrain.dist import DistInfo, all_gather_objects, barrier, broadcast_flag, broadcast_object
+from pretrain.faults import fault_point
+from pretrain.fileio import fsync_dir
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Save / resume / prune for one run. Every rank constructs one and calls the same methods.
+
+    ``save`` and ``resume`` are collective. ``due`` is collective when checkpoint.every_minutes > 0
+    (rank 0's clock decides, so all ranks agree); call it on every rank at every step.
+    """
+
+    def __init__(self, cfg: Config, engine: Any, info: DistInfo, tokenizer_path: str | None):
+        self.cfg = cfg
+        self.engine = engine
+        self.info = info
+        self.tokenizer_path = tokenizer_path
+        self.dir = Path(cfg.checkpoint.dir)
+        self._last_save_time = time.monotonic()
+        self._last_saved_step: int | None = None
+
+    # ---- when ---------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        """Periodic save by steps (checkpoint.every_steps) or wall clock (checkpoint.every_minutes)."""
+        fault_point("step", step)
+        c = self.cfg.checkpoint
+        if step <= 0 or step == self._last_saved_step:
+            return False
+        if c.every_steps > 0 and step % c.every_steps == 0:
+            return True
+        if c.every_minutes > 0:
+            late = (time.monotonic() - self._last_save_time) >= c.every_minutes * 60
+            return broadcast_flag(late, self.info.device)
+        return False
+
+    # ---- save ---------------------------------------------------------------------------
+
+    def save(self, state: TrainState, loader_state: dict) -> str:
+        """Write a checkpoint of ``state.step``; returns its directory. Collective and atomic."""
+        rank, world = self.info.rank, self.info.world_size
+        step_dir = self.dir / step_dir_name(state.step)
+        t0 = time.monotonic()
+
+        # This run already saved (or resumed from) this step, e.g. save-on-exit right after a
+        # periodic save: keep it. Anything else there (an interrupted save) is replaced.
+        if state.step == self._last_saved_step and broadcast_object(is_complete(step_dir) if rank == 0 else None):
+            self._last_save_time = time.monotonic()
+            return str(step_dir)
+        self._make_step_dir(step_dir)
+        fault_point("before_engine", state.step)
+
+        # 1. Engine shards (DeepSpeed: model, ZeRO partitions of every rank, LR schedule).
+        self.engine.save_checkpoint(str(step_dir), tag=ENGINE_TAG, client_state={"step": state.step}, save_latest=False)
+        fault_point("after_engine", state.step)
+        # 2. Our per-rank state.
+        write_rank_file(step_dir, rank, world_size=world, train_state=dataclasses.asdict(state), loader=loader_state,
+                        rng=rng_state())
+        fault_point("after_rank_file", state.step)
+        # 3. Run-level files (rank 0).
+        if rank == 0:
+            self._write_run_files(step_dir, state, world)
+        fault_point("after_shards", state.step)
+        barrier()
+
+        # 4. Hash the payload between the ranks (each also fsyncs what it reads), rank 0 writes
+        #    the marker last, then moves `latest`, then prunes.
+        names = broadcast_object(payload_files(step_dir) if rank == 0 else None)
+        gathered = all_gather_objects(hash_files(step_dir, names[rank::world]))
+        if rank == 0:
+            files: dict = {}
+            for part in gathered:
+                files.update(part)
+            fsync_dir(step_dir)
+            fsync_dir(step_dir / ENGINE_TAG)
+            fault_point("before_marker", state.step)
+            write_marker(step_dir, files, step=state.step, world_size=world, created=utc_now())
+            fault_point("after_marker", state.step)
+            point_latest(self.dir, step_dir.name)
+            fault_point("after_latest", state.step)
+            prune(self.dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+            log.info("saved checkpoint %s (%.1fs)", step_dir, time.monotonic() - t0)
+        barrier()
+        self._last_saved_step, self._last_save_time = state.step, time.monotonic()
+        return str(step_dir)
+
+    def _make_step_dir(self, step_dir: Path) -> None:
+        """Rank 0 (re)creates the step directory; on failure every rank raises, none waits."""
+        err = None
+        if self.info.rank == 0:
+            try:
+                if step_dir.exists():
+                    delete_checkpoint(step_dir)
+                step_dir.mkdir(parents=True)
+            except OSError as e:
+                err = f"cannot create checkpoint directory {step_dir} (checkpoint.dir): {e}"
+        err = broadcast_object(err)
+        if err:
+            raise CheckpointError(err)
+
+    def _write_run_files(self, step_dir: Path, state: TrainState, world: int) -> None:
+        save_resolved(self.cfg, step_dir, CONFIG_FILE)
+        tok = None
+        if self.tokenizer_path and Path(self.tokenizer_path).is_file():
+            shutil.copyfile(self.tokenizer_path, step_dir / TOKENIZER_FILE)
+            tok = TOKENIZER_FILE
+        versions = {}
+        for mod in ("torch", "deepspeed"):
+            try:
+                versions[mod] = __import__(mod).__version__
+            except Exception:  # version reporting must never fail a save
+                versions[mod] = None
+        write_meta(
+            step_dir,
+            step=state.step,
+            tokens_seen=state.tokens_seen,
+            world_size=world,
+            zero_stage=self.cfg.deepspeed.zero_stage,
+            precision=self.cfg.train.precision,
+            model=to_dict(self.cfg)["model"],
+            tokenizer=tok,
+            tokenizer_source=str(Path(self.tokenizer_path).resolve()) if self.tokenizer_path else None,
+            scrub_manifests=source_summaries(self.cfg),
+            versions=versions,
+        )
+
+    # ---- resume -------------------------------------------------------------------------
+
+    def resume(self) -> tuple[TrainState, dict | None] | None:
+        """Per checkpoint.resume: load engine + RNG, return (TrainState, this rank's loader state).
+
+        None means a fresh start. The loader state is remapped when the world size changed.
+        """
+        c = self.cfg.checkpoint
+        choice = None
+        if self.info.rank == 0:
+            choice = choose_checkpoint(self.dir, c.resume, c.overwrite, Path(self.cfg.run.dir))
+        choice = broadcast_object(choice)
+        if choice.error:
+            raise CheckpointError(choice.error)
+        if choice.delete_after is not None:  # checkpoint.overwrite=true
+            self._delete_after(choice)
+        if choice.step_dir is None:
+            if c.resume == "auto":
+                log.info("no complete checkpoint in %s: starting fresh", self.dir)
+            return None
+        return self._load(Path(choice.step_dir))
+
+    def _delete_after(self, choice: ResumeChoice) -> None:
+        if self.info.rank == 0:
+            doomed = [p for s, p in list_checkpoints(self.dir) if s > choice.delete_after]
+            for p in doomed:
+                delete_checkpoint(p)
+            remove_latest_pointer(self.dir)
+            log.warning("checkpoint.overwrite=true: deleted %s in %s", ", ".join(p.name for p in doomed), self.dir)
+        barrier()
+
+    def _load(self, step_dir: Path) -> tuple[TrainState, dict | None]:
+        t0 = time.monotonic()
+        self._verify_distributed(step_dir)
+        meta = read_meta(step_dir)
+        check_same_model(step_dir, meta["model"], to_dict(self.cfg)["model"])
+        per_rank = read_rank_files(step_dir, int(meta["world_size"]))
+        plan = plan_resume(step_dir, meta, [r["loader"] for r in per_rank], self.info.world_size,
+                           self.cfg.deepspeed.zero_stage, self.cfg.data.num_workers)
+        if plan.universal:
+            self._ensure_universal(plan)
+        self._load_engine(plan)
+        loader_state = self._loader_state(plan, [r["loader"] for r in per_rank])
+        # Bitwise continuation is impossible across world sizes anyway (other batch split); keep
+        # the RNG streams deterministic by taking the saved rank r mod saved_world.
+        set_rng_state(per_rank[self.info.rank % plan.saved_world]["rng"])
+        state = TrainState.from_dict(per_rank[0]["train_state"])
+        log.info("resumed from %s (step %d, %d tokens seen) in %.1fs", step_dir, state.step, state.tokens_seen,
+                 time.monotonic() - t0)
+        self._last_saved_step = state.step
+        self._last_save_time = time.monotonic()
+        return state, loader_state
+
+    def _verify_distributed(self, step_dir: Path) -> dict:
+        """Every rank hashes a share of the files; any problem anywhere stops every rank."""
+        try:
+            marker = read_marker(step_dir)
+            problems = file_problems(step_dir, marker, self.info.rank, self.info.world_size)
+        except CheckpointError as e:
+            marker, problems = {}, [str(e)]
+        all_problems = [p for part in all_gather_objects(problems) for p in part]
+        if all_problems:
+            raise CheckpointError(f"refusing checkpoint {step_dir}:\n  " + "\n  ".join(sorted(set(all_problems))))
+        return marker
+
+    def _ensure_universal(self, plan: ResumePlan) -> None:
+        """Convert the ZeRO shards to DeepSpeed's universal format once (rank 0), with its own marker."""
+        udir = plan.step_dir / UNIVERSAL_TAG
+        umarker = udir / MARKER
+        err = None
+        if self.info.rank == 0 and umarker.is_file():
+            try:  # converted by an earlier elastic resume: reuse it only if it is intact
+                verify_checkpoint(udir)
+            except CheckpointError as e:
+                first = [line.strip() for line in str(e).splitlines()][1:2] or [str(e)]  # the first problem
+                log.warning("universal checkpoint %s is damaged (%s); converting again", udir, first[0])
+                umarker.unlink()
+        if self.info.rank == 0 and not umarker.is_file():
+            try:
+                convert_to_universal(plan.step_dir)
+            except Exception as e:  # report on every rank instead of hanging the others
+                err = f"universal checkpoint conversion of {plan.step_dir} failed: {type(e).__name__}: {e}"
+        err = broadcast_object(err)
+        if err:
+            raise CheckpointError(err)
+        log.info("loading universal checkpoint %s (%d -> %d ranks)", udir, plan.saved_world, plan.world)
+
+    def _load_engine(self, plan: ResumePlan) -> None:
+        tag = UNIVERSAL_TAG if plan.universal else ENGINE_TAG
+        cfg_obj = self.engine._config
+        before = cfg_obj.load_universal_checkpoint
+        cfg_obj.load_universal_checkpoint = plan.universal  # DeepSpeed reads the flag at load time only
+        try:
+            load_path, _ = self.engine.load_checkpoint(str(plan.step_dir), tag=tag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
+        finally:
+            cfg_obj.load_universal_checkpoint = before
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {plan.step_dir / tag}")
+
+    def _loader_state(self, plan: ResumePlan, states: Sequence[dict | None]) -> dict | None:
+        """This rank's loader state: as saved, resharded over the new ranks and streams, or none."""
+        if plan.loader == LOADER_AS_SAVED:
+            return states[self.info.rank]
+        log.info("elastic resume: %d -> %d data-parallel ranks, %s -> %d loader streams per rank (loader state "
+                 "resharded)", plan.saved_world, plan.world, plan.saved_workers, plan.workers)
+        if plan.loader == LOADER_RESHARD:
+            return reshard_states(list(states), plan.world, self.cfg.data.num_workers)[self.info.rank]
+        return None

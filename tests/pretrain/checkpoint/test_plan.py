@@ -1,0 +1,121 @@
+"""What a resume does: which checkpoint (checkpoint.resume / overwrite) and how it is loaded
+(same or changed world, universal conversion, loader states as saved / resharded / missing)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from _ckpt_fakes import make
+
+from pretrain.checkpoint import (
+    CheckpointError,
+    ResumePlan,
+    TrainState,
+    list_checkpoints,
+    plan_resume,
+)
+from pretrain.checkpoint.plan import LOADER_AS_SAVED, LOADER_MISSING, LOADER_RESHARD
+
+STEP = Path("step_00000004")
+
+
+def _plan(saved_world: int, saved_stage: int, world: int, stage: int, states: list | None = None,
+          num_workers: int = 1) -> ResumePlan:
+    states = states if states is not None else [{"workers": 1}] * saved_world
+    return plan_resume(STEP, {"world_size": saved_world, "zero_stage": saved_stage}, states, world, stage, num_workers)
+
+
+@pytest.mark.parametrize(
+    "saved_world,saved_stage,world,stage,states,num_workers,universal,loader",
+    [
+        # same world, same stage: the engine's own shards, every rank its own loader state
+        (2, 2, 2, 2, None, 1, False, LOADER_AS_SAVED),
+        (2, 0, 2, 0, None, 1, False, LOADER_AS_SAVED),
+        (2, 1, 2, 2, None, 1, False, LOADER_AS_SAVED),  # ZeRO-1 <-> 2: same partitioning of parameters
+        # changed world with ZeRO: universal conversion, loader states resharded
+        (2, 2, 1, 2, None, 1, True, LOADER_RESHARD),
+        (1, 3, 2, 3, None, 1, True, LOADER_RESHARD),
+        # same world, ZeRO-2 -> 3 (parameters become partitioned): universal, loader as saved
+        (2, 2, 2, 3, None, 1, True, LOADER_AS_SAVED),
+        # changed world without ZeRO: every rank holds the whole model, no conversion
+        (2, 0, 1, 0, None, 1, False, LOADER_RESHARD),
+        # same world, other data.num_workers: engine as saved, loader resharded
+        (2, 2, 2, 2, [{"workers": 1}, {"workers": 1}], 2, False, LOADER_RESHARD),
+        # states of a loader that does not record its streams: taken as saved
+        (2, 2, 2, 2, [{"next": 8}, {"next": 8}], 3, False, LOADER_AS_SAVED),
+        # changed world, and a rank saved no loader state: the loader starts without one
+        (2, 2, 1, 2, [{"workers": 1}, None], 1, True, LOADER_MISSING),
+        (2, 0, 4, 0, [None, None], 1, False, LOADER_MISSING),
+    ],
+)
+def test_resume_plan_decision_table(saved_world, saved_stage, world, stage, states, num_workers, universal, loader):
+    plan = _plan(saved_world, saved_stage, world, stage, states, num_workers)
+    assert (plan.universal, plan.loader) == (universal, loader)
+    assert plan.world_changed == (saved_world != world) and plan.step_dir == STEP
+
+
+@pytest.mark.parametrize("saved_stage,stage", [(0, 2), (2, 0), (0, 3)])
+def test_resume_plan_refuses_zero_0_against_sharded_across_a_change(saved_stage, stage):
+    with pytest.raises(CheckpointError, match=f"zero_stage={saved_stage}; resuming it with deepspeed.zero_stage={stage}"):
+        _plan(2, saved_stage, 1, stage)
+
+
+def test_resume_modes(tmp_path):
+    assert make(tmp_path).resume() is None  # auto, nothing there: fresh start
+    make(tmp_path).save(TrainState(step=2), {})
+    with pytest.raises(CheckpointError, match="checkpoint.resume=never.*checkpoint.overwrite=true"):
+        make(tmp_path, "checkpoint.resume=never").resume()
+    assert make(tmp_path, "checkpoint.resume=never", "checkpoint.overwrite=true").resume() is None
+    assert list_checkpoints(tmp_path / "checkpoints") == []
+    with pytest.raises(CheckpointError, match="does not exist"):
+        make(tmp_path, f"checkpoint.resume={tmp_path / 'nope'}").resume()
+    not_ckpt = tmp_path / "random_dir"
+    not_ckpt.mkdir()
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        make(tmp_path, f"checkpoint.resume={not_ckpt}").resume()
+
+
+def test_resume_path_forms_and_model_mismatch(tmp_path):
+    make(tmp_path).save(TrainState(step=2), {})
+    make(tmp_path).save(TrainState(step=4), {})
+    for form in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "step_00000002"):
+        want = 2 if form.name.startswith("step_") else 4
+        (tmp_path / "ckpt2").mkdir(exist_ok=True)
+        c = make(tmp_path / "ckpt2", f"checkpoint.resume={form}")
+        assert c.resume()[0].step == want
+    with pytest.raises(CheckpointError, match=r"model.n_layers: checkpoint 6, config 2"):
+        make(tmp_path, "model.n_layers=2").resume()
+
+
+def test_branching_from_an_older_checkpoint_needs_overwrite_and_drops_the_later_ones(tmp_path):
+    """resume=<step 2> while step 4 and 6 exist: left in place, a requeued resume=auto would
+    continue from the abandoned step 6, and the branch's save of step 4 used to keep the old one."""
+    c = make(tmp_path)
+    for step in (2, 4, 6):
+        c.save(TrainState(step=step), {"pos": step})
+    step2 = tmp_path / "checkpoints" / "step_00000002"
+    with pytest.raises(CheckpointError, match=r"step_00000004, step_00000006.*checkpoint.overwrite=true"):
+        make(tmp_path, f"checkpoint.resume={step2}").resume()
+    shutil.copytree(step2, tmp_path / "best")  # a step directory under another name: its marker says step 2
+    with pytest.raises(CheckpointError, match=r"starts from step 2, .*step_00000004, step_00000006"):
+        make(tmp_path, f"checkpoint.resume={tmp_path / 'best'}").resume()
+    branch = make(tmp_path, f"checkpoint.resume={step2}", "checkpoint.overwrite=true")
+    assert branch.resume()[0].step == 2
+    assert [p.name for _, p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002"]
+    step4 = Path(branch.save(TrainState(step=4), {"pos": "branch"}))
+    assert json.loads((step4 / "rank_00000.json").read_text())["loader"] == {"pos": "branch"}
+    # Resuming from the newest checkpoint of the directory itself is not a branch.
+    assert make(tmp_path, f"checkpoint.resume={tmp_path / 'checkpoints'}").resume()[0].step == 4
+
+
+def test_resume_never_refuses_a_run_dir_with_metrics_and_no_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    args = (f"run.dir={run}", "checkpoint.resume=never")
+    with pytest.raises(CheckpointError, match=r"run.dir already holds a run .*metrics.jsonl.*checkpoint.overwrite=true"):
+        make(tmp_path, *args).resume()
+    assert make(tmp_path, *args, "checkpoint.overwrite=true").resume() is None
