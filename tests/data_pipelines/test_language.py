@@ -6,7 +6,6 @@ import sys
 from data_pipelines.filters.language import LanguageFilter, bundled_model_path, detect_language
 from pretrain.config import LanguageConfig
 
-
 NO_NETWORK_SCRIPT = """
 import json, socket
 import fasttext
