@@ -356,3 +356,15 @@ def test_bucketed_dedup_equals_in_memory_on_the_demo_corpus(scrubbed_corpus, tmp
     assert run_scrub(cfg) == 0
     assert kept_docs(tmp_path / "b") == kept_docs(scrubbed_corpus)
     assert read_manifest(tmp_path / "b")["dropped_by_reason"] == read_manifest(scrubbed_corpus)["dropped_by_reason"]
+
+
+@pytest.mark.parametrize("half", ["scrub.dedup.exact=false", "scrub.dedup.near=false"])
+def test_bucketed_dedup_with_one_half_off_equals_in_memory(tmp_path, half):
+    planted_corpus(tmp_path)
+    quiet = ("scrub.toxicity.enabled=false", "scrub.pii.enabled=false", half)
+    assert run_scrub(config(tmp_path, "memory", *quiet)) == 0
+    assert run_scrub(config(tmp_path, "b", *quiet, "scrub.dedup.method=bucketed", "scrub.dedup.buckets=3")) == 0
+    mem = read_manifest(tmp_path / "memory")["dropped_by_reason"]
+    assert list(mem) == (["dedup.near"] if "exact" in half else ["dedup.exact"])
+    assert read_manifest(tmp_path / "b")["dropped_by_reason"] == mem
+    assert kept_docs(tmp_path / "b") == kept_docs(tmp_path / "memory")
