@@ -27,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", default=[], help="dotlist overrides")
 
     p = sub.add_parser("bench", help="throughput benchmarks; last line printed is one JSON object")
-    p.add_argument("suite", nargs="?", default="scrub", choices=("pii", "scrub", "loader"),
-                   help="pii: PII alone; scrub: PII alone and the full pipeline; loader: training loader tokens/s")
+    p.add_argument("suite", nargs="?", default="scrub", choices=("pii", "scrub", "loader", "dedup"),
+                   help="pii: PII alone; scrub: PII alone and the full pipeline; loader: training loader tokens/s; "
+                        "dedup: bucketed dedup steps at growing N (peak RSS per step)")
+    p.add_argument("--docs", default="100000,1000000", help="dedup: comma-separated document counts N")
     p.add_argument("--config", default=None, help="config file (defaults per suite)")
     p.add_argument("overrides", nargs="*")
     return parser
@@ -71,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return eval_pii_cli(args.labelled, cfg) or 0
     if args.command == "bench":
+        if args.suite == "dedup":
+            from data_pipelines.bench_dedup import bench_dedup
+
+            return bench_dedup([int(x) for x in args.docs.split(",")])
         if args.suite == "loader":
             from data_pipelines.bench_loader import bench_loader
 

@@ -41,8 +41,8 @@ def _prepare_corpus(path: Path) -> list[str]:
 
 def bench_scrub(cfg, pii_only: bool = False) -> int:
     from data_pipelines.filters.pii import PIIRedactor, measure_throughput
-    from data_pipelines.readers import _raw_lines
-    from data_pipelines.scrub import _filters, run_scrub
+    from data_pipelines.readers import raw_lines
+    from data_pipelines.scrub import filters_for, run_scrub
 
     result: dict = {"corpus": "builtin:enwiki-sample"}
     with tempfile.TemporaryDirectory(prefix="scrub-bench-") as tmp:
@@ -61,10 +61,10 @@ def bench_scrub(cfg, pii_only: bool = False) -> int:
                                         output=str(Path(tmp) / "out"), workers=1, rank=0, world_size=1,
                                         stage="all")
             run_cfg = dataclasses.replace(cfg, scrub=scrub)
-            f = _filters(run_cfg)  # load models and compile patterns outside the timed region
+            f = filters_for(run_cfg)  # load models and compile patterns outside the timed region
             warm = Path(tmp) / "warm.jsonl"
             warm.write_text('{"text": "warm-up"}\n')
-            list(_raw_lines(str(warm)))  # HF datasets' first load_dataset in a process costs ~1.5 s
+            list(raw_lines(str(warm)))  # HF datasets' first load_dataset in a process costs ~1.5 s
             if f.language:
                 f.language.keep(texts[0])
             if f.toxicity:

@@ -265,7 +265,7 @@ def _decompressed_lines(path: str) -> Iterator[bytes]:
         yield b"".join(parts)
 
 
-def _raw_lines(path: str) -> Iterator[str]:
+def raw_lines(path: str) -> Iterator[str]:
     """Lines of a (possibly compressed) file as str; undecodable bytes become lone surrogates."""
     if path.endswith(COMPRESSIONS):
         for b in _decompressed_lines(path):
@@ -274,6 +274,45 @@ def _raw_lines(path: str) -> Iterator[str]:
     ds = _hf().load_dataset("text", data_files=[path], split="train", streaming=True, encoding="latin-1")
     for row in ds:
         yield row["text"].encode("latin-1").decode("utf-8", "surrogateescape")
+
+
+def _file_blocks(path: str, block: int = 1 << 20) -> Iterator[bytes]:
+    if path.endswith(COMPRESSIONS):
+        yield from decompressed_blocks(path, block)
+        return
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            yield data
+
+
+def bounded_lines(path: str, limit: int) -> Iterator[tuple[str | None, int]]:
+    """(line, size in bytes) of a (possibly compressed) file; undecodable bytes become lone
+    surrogates. A line over ``limit`` bytes comes back as ``(None, size)`` and is never held
+    whole: its pieces are dropped as they are read, so a multi-GB line costs one block of memory."""
+    parts: list[bytes] = []
+    size = 0
+
+    def line(piece: bytes) -> tuple[str | None, int]:
+        if size > limit:
+            return None, size
+        raw = b"".join(parts) + piece if parts else piece
+        return raw.rstrip(b"\r").decode("utf-8", "surrogateescape"), size
+
+    for data in _file_blocks(path):
+        pieces = data.split(b"\n")
+        for piece in pieces[:-1]:
+            size += len(piece)
+            yield line(piece)
+            parts.clear()
+            size = 0
+        last = pieces[-1]
+        size += len(last)
+        if size > limit:
+            parts.clear()  # over the limit: keep counting, hold nothing
+        elif last:
+            parts.append(last)
+    if size:
+        yield line(b"")
 
 
 def _record_id(obj: dict, cfg, where: str) -> str:
@@ -301,15 +340,15 @@ def _too_large(line: str, limit: int) -> bool:
 
 def _read_jsonl(unit: InputUnit, cfg) -> Iterator[Record]:
     source = Path(unit.path).name
-    for lineno, line in enumerate(_raw_lines(unit.path), start=1):
+    for lineno, (line, size) in enumerate(bounded_lines(unit.path, cfg.max_doc_bytes), start=1):
+        where = f"{source}:{lineno}"
+        if line is None or _too_large(line, cfg.max_doc_bytes):
+            yield Record(where, None, source, {}, "too_large", size)
+            continue
         if lineno == 1:
             line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the record
         if not line.strip():
             continue  # blank lines are not records
-        where = f"{source}:{lineno}"
-        if _too_large(line, cfg.max_doc_bytes):
-            yield Record(where, None, source, {}, "too_large", len(line))
-            continue
         try:
             obj = json.loads(line)
         except ValueError:

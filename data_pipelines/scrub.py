@@ -15,7 +15,11 @@ Execution, in three phases over *units* (one input file or hub dataset each):
 2. **dedup** (once, over all units of all ranks, in global unit order): exact and near duplicates
    are decided from the signatures alone (:func:`data_pipelines.filters.dedup.find_duplicates`).
    It is deterministic, so every rank recomputes it instead of exchanging results; all it needs
-   is every unit's phase-1 output in the shared output directory.
+   is every unit's phase-1 output in the shared output directory. With
+   ``scrub.dedup.method=bucketed`` the same decision is made out of core instead
+   (:mod:`data_pipelines.dedup_buckets`): stage ``buckets`` (exact duplicates per hash partition)
+   and stage ``pairs`` (near-duplicate pairs per band partition), bucket j on rank
+   ``j % world_size`` with a marker per bucket, then a union-find over the pairs in ``write``.
 3. **write** (parallel, per unit): drop duplicates, toxicity, optional counterfactual swap, PII
    redaction, then ``shards/part-<rank>-<unit>.parquet``.
 
@@ -27,8 +31,9 @@ unit granularity; a half-written temp file from a killed run is simply redone).
 Several machines: give each the same config and output directory (a shared filesystem) with
 ``scrub.rank``/``scrub.world_size``; unit i belongs to rank ``i % world_size``. Either run
 ``stage=all`` everywhere with ``wait_timeout_s`` (ranks wait for each other's phase-1 outputs),
-or run the stages as dependent jobs: ``stage=signatures`` on every rank, then ``stage=write`` on
-every rank, then one ``stage=merge`` (the SLURM recipe in the README).
+or run the stages as dependent jobs: ``stage=signatures`` on every rank, (bucketed dedup:
+``stage=buckets``, then ``stage=pairs`` on every rank,) then ``stage=write`` on every rank, then
+one ``stage=merge`` (the SLURM recipe in the README).
 """
 
 from __future__ import annotations
@@ -45,7 +50,25 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipelines import dedup_buckets as db
 from data_pipelines import manifest as mf
+from data_pipelines import report as rp
+from data_pipelines.filters import bias, dedup, language, normalize, pii, quality, toxicity
+from data_pipelines.filters.bias import (
+    BiasAudit,
+    GroupMatcher,
+    add_counts,
+    chosen_for_swap,
+    counterfactual_swap,
+    load_groups,
+)
+from data_pipelines.filters.dedup import MinHasher, exact_key, find_duplicates
+from data_pipelines.filters.language import LanguageFilter
+from data_pipelines.filters.normalize import normalize_text, repair_utf8
+from data_pipelines.filters.pii import PIIRedactor
+from data_pipelines.filters.pii_types import DOCUMENT_SEPARATOR, PLACEHOLDERS
+from data_pipelines.filters.quality import QualityFilter, Words
+from data_pipelines.filters.toxicity import ToxicityFilter
 from data_pipelines.readers import InputUnit, input_info, read_unit, resolve_inputs
 from pretrain.errors import UserError
 from pretrain.fileio import write_json_atomic
@@ -60,20 +83,13 @@ _BATCH_CHARS = 32_000_000
 
 
 def filter_versions(cfg) -> dict[str, str]:
-    from data_pipelines.filters import bias, dedup, language, normalize, quality, toxicity
-
     s = cfg.scrub
     out = {}
     for name, mod, on in (("normalize", normalize, s.normalize.enabled), ("language", language, s.language.enabled),
                           ("quality", quality, s.quality.enabled), ("dedup", dedup, s.dedup.enabled),
                           ("toxicity", toxicity, s.toxicity.enabled), ("bias", bias, s.bias.enabled)):
         out[name] = mod.VERSION if on else "off"
-    if s.pii.enabled:
-        from data_pipelines.filters import pii
-
-        out["pii"] = pii.VERSION
-    else:
-        out["pii"] = "off"
+    out["pii"] = pii.VERSION if s.pii.enabled else "off"
     return out
 
 
@@ -89,12 +105,6 @@ def scrub_config_hash(cfg) -> str:
 
 class _Filters:
     def __init__(self, cfg) -> None:
-        from data_pipelines.filters.bias import GroupMatcher, load_groups
-        from data_pipelines.filters.dedup import MinHasher
-        from data_pipelines.filters.language import LanguageFilter
-        from data_pipelines.filters.quality import QualityFilter
-        from data_pipelines.filters.toxicity import ToxicityFilter
-
         s = cfg.scrub
         self.cfg = cfg
         groups = load_groups(s.bias.terms_file) if s.bias.enabled else {}
@@ -110,8 +120,6 @@ class _Filters:
     @property
     def pii(self):
         if self._pii is None and self.cfg.scrub.pii.enabled:
-            from data_pipelines.filters.pii import PIIRedactor
-
             self._pii = PIIRedactor(self.cfg.scrub.pii)
         return self._pii
 
@@ -122,7 +130,7 @@ class _Filters:
 _FILTERS: dict[str, _Filters] = {}
 
 
-def _filters(cfg) -> _Filters:
+def filters_for(cfg) -> _Filters:
     """One _Filters per process and config (workers get a fresh unpickled cfg per task)."""
     key = json.dumps(dataclasses.asdict(cfg.scrub), sort_keys=True, default=str)
     if key not in _FILTERS:
@@ -135,8 +143,6 @@ class _UnitStats:
     """Counts of one unit in one phase; JSON-serialisable through ``to_dict``."""
 
     def __init__(self, f: _Filters, audit_cap: int) -> None:
-        from data_pipelines.filters.bias import BiasAudit
-
         self.f = f
         self.d: dict = {"read": 0, "bytes": 0, "kept": 0, "candidates": 0, "dropped": Counter(),
                         "pii": Counter(), "languages": Counter(), "counterfactual_swapped": 0,
@@ -185,18 +191,14 @@ def _candidate_schema():
 
 
 def phase1_unit(unit: InputUnit, cfg, out_dir: str) -> dict:
-    import pyarrow as pa
-
-    from data_pipelines.filters.dedup import exact_key
-    from data_pipelines.filters.normalize import normalize_text, repair_utf8
-    from data_pipelines.filters.quality import Words
+    import pyarrow as pa  # heavy optional library: only the processes that run phase 1 load it
 
     t0 = time.perf_counter()
     s = cfg.scrub
     out = Path(out_dir)
     arrow_path, sig_path, done_path = _p1_paths(out, unit)
     arrow_path.parent.mkdir(parents=True, exist_ok=True)
-    f = _filters(cfg)
+    f = filters_for(cfg)
     st = _UnitStats(f, s.audit_sample)
     info = input_info(unit)
     rows: dict[str, list] = {k: [] for k in ("id", "text", "source", "meta", "groups")}
@@ -280,9 +282,14 @@ def phase1_unit(unit: InputUnit, cfg, out_dir: str) -> dict:
         flush()
     ex = np.array(exact, dtype=np.uint64)
     sg = np.stack(sigs) if sigs else np.zeros((0, s.dedup.num_perm), dtype=np.uint32)
-    tmp_sig = sig_path.with_name(sig_path.name + ".tmp.npz")
-    np.savez(tmp_sig, exact=ex, sigs=sg)
-    os.replace(tmp_sig, sig_path)
+    if _bucketed(s):
+        d = s.dedup
+        db.write_unit(_layout(out), unit.index, unit.key, ex if d.exact else None, sg if d.near else None,
+                      f.minhash, d.buckets)
+    else:
+        tmp_sig = sig_path.with_name(sig_path.name + ".tmp.npz")
+        np.savez(tmp_sig, exact=ex, sigs=sg)
+        os.replace(tmp_sig, sig_path)
     os.replace(tmp_arrow, arrow_path)
     st.d["seconds"] = time.perf_counter() - t0
     result = {"unit": unit.key, "input": info, **st.to_dict()}
@@ -291,13 +298,61 @@ def phase1_unit(unit: InputUnit, cfg, out_dir: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Phase 2: global dedup decision
+# Phase 2: global dedup decision (in memory, or in bucketed steps: data_pipelines.dedup_buckets)
+
+
+def _bucketed(s) -> bool:
+    return s.dedup.enabled and s.dedup.method == "bucketed"
+
+
+def _layout(out: Path) -> db.Layout:
+    return db.Layout(out / WORK / "dedup")
+
+
+def _unit_keys(units: list[InputUnit]) -> list[str]:
+    """Unit keys indexed by unit index (the upper half of a bucketed global id)."""
+    keys = [u.key for u in sorted(units, key=lambda u: u.index)]
+    if [u.index for u in sorted(units, key=lambda u: u.index)] != list(range(len(units))):
+        raise RuntimeError("unit indices are not 0..n-1")
+    return keys
+
+
+def exact_step(cfg, out_dir: str, unit_keys: list[str], bucket: int) -> dict:
+    """Bucketed step 'buckets': the exact duplicates of one hash partition, then its marker."""
+    t0 = time.perf_counter()
+    lay = _layout(Path(out_dir))
+    dups = db.exact_bucket(lay, unit_keys, bucket) if cfg.scrub.dedup.exact else np.zeros(0, np.uint64)
+    path, done = lay.exact_out(bucket)
+    db.save(path, dups)
+    result = {"bucket": bucket, "exact_duplicates": len(dups), "seconds": time.perf_counter() - t0}
+    _write_json_atomic(done, result)
+    return result
+
+
+def pairs_step(cfg, out_dir: str, unit_keys: list[str], bucket: int) -> dict:
+    """Bucketed step 'pairs': verified near-duplicate pairs of one band partition, then its marker."""
+    t0 = time.perf_counter()
+    d = cfg.scrub.dedup
+    lay = _layout(Path(out_dir))
+    pairs = (db.pairs_bucket(lay, unit_keys, bucket, d.buckets, d.num_perm, d.threshold) if d.near
+             else np.zeros((0, 2), np.uint64))
+    path, done = lay.pairs_out(bucket)
+    db.save(path, pairs)
+    result = {"bucket": bucket, "pairs": len(pairs), "seconds": time.perf_counter() - t0}
+    _write_json_atomic(done, result)
+    return result
+
+
+def join_step(cfg, out: Path) -> None:
+    """Union-find over every bucket's pairs -> the sorted near-duplicate list. Deterministic,
+    so every rank may compute it; the atomic rename makes concurrent writers harmless."""
+    lay = _layout(out)
+    pairs = [np.load(lay.pairs_out(b)[0]) for b in range(cfg.scrub.dedup.buckets)]
+    db.save(lay.near(), db.join_pairs(np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64)))
 
 
 def decide_duplicates(cfg, out: Path, units: list[InputUnit]) -> dict[str, np.ndarray]:
     """Per unit key: int8 flags (0 keep, 1 exact, 2 near) for its phase-1 candidates, in order."""
-    from data_pipelines.filters.dedup import MinHasher, find_duplicates
-
     d = cfg.scrub.dedup
     loaded = []
     for u in units:
@@ -387,15 +442,17 @@ class _ShardWriter:
         return True
 
 
-def phase3_unit(unit: InputUnit, cfg, out_dir: str, flags: np.ndarray) -> dict:
-    import pyarrow as pa
-
-    from data_pipelines.filters.bias import chosen_for_swap, counterfactual_swap
+def phase3_unit(unit: InputUnit, cfg, out_dir: str, flags: np.ndarray | None) -> dict:
+    """flags None: read this unit's dedup flags from the bucketed step outputs."""
+    import pyarrow as pa  # heavy optional library, as in phase 1
 
     t0 = time.perf_counter()
     s = cfg.scrub
     out = Path(out_dir)
-    f = _filters(cfg)
+    if flags is None:
+        n = _read_json(_p1_paths(out, unit)[2])["candidates"]
+        flags = db.unit_flags(_layout(out), unit.index, n, s.dedup.buckets)
+    f = filters_for(cfg)
     st = _UnitStats(f, s.audit_sample)
     rel = mf.shard_name(s.rank, unit.index, s.output_format)
     tm, clock = st.d["stage_seconds"], time.perf_counter
@@ -514,7 +571,7 @@ def _run_pool(fn, jobs: list[tuple], workers: int) -> list[dict]:
         return [fut.result() for fut in futures]
 
 
-def _wait_for(paths: list[Path], timeout_s: float, what: str) -> None:
+def _wait_for(paths: list[Path], timeout_s: float, what: str, kind: str = "unit(s)") -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         missing = [p for p in paths if not p.exists()]
@@ -524,8 +581,8 @@ def _wait_for(paths: list[Path], timeout_s: float, what: str) -> None:
             names = ", ".join(p.name.removesuffix(".done.json") for p in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise UserError(
-                f"{what} is not finished for {len(missing)} unit(s) ({names}{more}); run the other "
-                "scrub ranks first (scrub.stage=signatures / write) or raise scrub.wait_timeout_s"
+                f"{what} is not finished for {len(missing)} {kind} ({names}{more}); run it on every scrub "
+                "rank first (scrub.stage=signatures / buckets / pairs / write) or raise scrub.wait_timeout_s"
             )
         time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
 
@@ -555,13 +612,40 @@ def run_scrub(cfg) -> int:
         if s.stage == "signatures":
             return 0
 
+    timeout = s.wait_timeout_s if s.stage == "all" else 0.0
+    if _bucketed(s):
+        lay, keys, nb = _layout(out), _unit_keys(units), s.dedup.buckets
+        my_buckets = [b for b in range(nb) if b % s.world_size == s.rank]
+        if s.stage in ("all", "buckets"):
+            todo_b = [b for b in my_buckets if not lay.exact_out(b)[1].exists()]
+            if todo_b:
+                _wait_for([_p1_paths(out, u)[2] for u in units], timeout, "phase 1 (signatures)")
+                _run_pool(exact_step, [(cfg, str(out), keys, b) for b in todo_b], s.workers)
+            if s.stage == "buckets":
+                return 0
+        if s.stage in ("all", "pairs"):
+            todo_b = [b for b in my_buckets if not lay.pairs_out(b)[1].exists()]
+            if todo_b:
+                _wait_for([lay.exact_out(b)[1] for b in range(nb)], timeout, "dedup step 'buckets'", "bucket(s)")
+                _run_pool(pairs_step, [(cfg, str(out), keys, b) for b in todo_b], s.workers)
+            if s.stage == "pairs":
+                return 0
+    elif s.stage in ("buckets", "pairs"):
+        log.info("scrub.stage=%s: nothing to do unless scrub.dedup.method=bucketed", s.stage)
+        return 0
+
     if s.stage in ("all", "write"):
         todo = [u for u in mine if not _p3_done(out, u).exists()]
         if todo:
-            timeout = s.wait_timeout_s if s.stage == "all" else 0.0
             _wait_for([_p1_paths(out, u)[2] for u in units], timeout, "phase 1 (signatures)")
-            flags = decide_duplicates(cfg, out, units)
-            _run_pool(phase3_unit, [(u, cfg, str(out), flags[u.key]) for u in todo], s.workers)
+            if _bucketed(s):
+                _wait_for([lay.pairs_out(b)[1] for b in range(nb)], timeout, "dedup step 'pairs'", "bucket(s)")
+                join_step(cfg, out)
+                jobs = [(u, cfg, str(out), None) for u in todo]
+            else:
+                flags = decide_duplicates(cfg, out, units)
+                jobs = [(u, cfg, str(out), flags[u.key]) for u in todo]
+            _run_pool(phase3_unit, jobs, s.workers)
         if s.stage == "write" or s.rank != 0:
             return 0
 
@@ -572,10 +656,6 @@ def run_scrub(cfg) -> int:
 
 def merge(cfg, out: Path, units: list[InputUnit], chash: str, wall_s: float) -> dict:
     """Sum every unit's statistics; write manifest.json, report.json, report.md and the audit."""
-    from data_pipelines import report as rp
-    from data_pipelines.filters.bias import add_counts
-    from data_pipelines.filters.pii_types import DOCUMENT_SEPARATOR, PLACEHOLDERS
-
     s = cfg.scrub
     p1 = [_read_json(_p1_paths(out, u)[2]) for u in units]
     p3 = [_read_json(_p3_done(out, u)) for u in units]
@@ -633,6 +713,8 @@ def merge(cfg, out: Path, units: list[InputUnit], chash: str, wall_s: float) -> 
     for u in units:
         for p in _p1_paths(out, u)[:2]:
             p.unlink(missing_ok=True)
+    for p in _layout(out).bulky():
+        p.unlink(missing_ok=True)
     for stray in [*out.glob(f"{WORK}/*/*.tmp*"), *out.glob("shards/.*.tmp")]:
         stray.unlink(missing_ok=True)  # temp files of killed runs whose unit was redone since
     log.info("scrub done: read %d, kept %d, dropped %d -> %s", read, kept, dropped, out)

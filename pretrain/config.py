@@ -167,6 +167,8 @@ class DedupConfig:
     threshold: float = fld(0.8, "Estimated Jaccard similarity above which a document is a near duplicate.", gt=0, le=1)
     ngram: int = fld(5, "Word n-gram size of the shingles.", ge=1)
     seed: int = fld(1, "Seed of the MinHash permutations (changing it changes signatures, not the decisions' determinism).", ge=0)
+    method: str = fld("memory", "memory: decide duplicates in one process holding every signature (fine to tens of millions of documents); bucketed: out-of-core stages (buckets, pairs) whose memory is bounded by one bucket, for corpora beyond one machine. Both keep the same documents.", choices=("memory", "bucketed"))
+    buckets: int = fld(64, "bucketed: hash partitions of the exact keys and of the LSH band keys. One buckets step holds ~48 N/buckets bytes, one pairs step ~96 x bands x N/buckets bytes (N = candidates of the whole run, bands = 9 at num_perm 128 and threshold 0.8) plus the signatures of colliding documents: raise it with the corpus to keep each process's memory fixed.", ge=1)
 
 
 @dataclass
@@ -223,7 +225,7 @@ class ScrubConfig:
     world_size: int = fld(1, "Machines sharing the scrub.", ge=1)
     max_doc_bytes: int = fld(1_000_000, "Records larger than this are dropped as too_large.", ge=1)
     audit_sample: int = fld(20, "Dropped documents (PII redacted) written to the audit sample per reason.", ge=0)
-    stage: str = fld("all", "all: the whole scrub; or one step of a multi-machine run: signatures (phase 1), write (phases 2-3), merge (manifest + report).", choices=("all", "signatures", "write", "merge"))
+    stage: str = fld("all", "all: the whole scrub; or one step of a multi-machine run: signatures (phase 1), buckets (exact duplicates per bucket, dedup.method=bucketed), pairs (near-duplicate pairs per bucket, bucketed), write (dedup decision, phase 3), merge (manifest + report).", choices=("all", "signatures", "buckets", "pairs", "write", "merge"))
     wait_timeout_s: float = fld(0.0, "With stage=all and world_size > 1: wait this long for other ranks' phase outputs (0 = fail at once and name what is missing).", ge=0)
     normalize: NormalizeConfig = fld(NormalizeConfig(), "Normalization.")
     language: LanguageConfig = fld(LanguageConfig(), "Language filter.")

@@ -1,8 +1,11 @@
 import random
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from data_pipelines import dedup_buckets as db
 from data_pipelines.filters.dedup import (
     EXACT,
     KEEP,
@@ -67,15 +70,72 @@ def test_threshold_respected_and_unrelated_docs_kept():
 def test_deterministic_and_independent_of_batching():
     texts = [" ".join(doc(i % 7)) + f" tail{i // 7}" for i in range(21)]
     a = run(texts)
-    b = run(texts)
-    assert (a == b).all()
-    # the decision over concatenated per-shard signatures equals the one over a single list
-    mh = MinHasher(128, 5, 1, 0.8)
-    shards = [texts[:10], texts[10:]]
-    sigs = np.concatenate([np.stack([mh.signature(Words.of(t)) for t in s]) for s in shards])
-    ex = np.concatenate([np.array([exact_key(t) for t in s], dtype=np.uint64) for s in shards])
-    assert (find_duplicates(ex, sigs, mh.band_keys(sigs), 0.8) == a).all()
+    assert (run(texts) == a).all()
     assert (a[:7] == KEEP).all() and (a[7:] == NEAR).all()
+    # Genuinely different batchings: signatures computed per shard (3 uneven shards, each with its
+    # own MinHasher instance) and concatenated, versus the one list above.
+    shards = [texts[:4], texts[4:13], texts[13:]]
+    sigs, ex = [], []
+    for s in shards:
+        mh = MinHasher(128, 5, 1, 0.8)
+        sigs.append(np.stack([mh.signature(Words.of(t)) for t in s]))
+        ex.append(np.array([exact_key(t) for t in s], dtype=np.uint64))
+    sigs_cat = np.concatenate(sigs)
+    assert (find_duplicates(np.concatenate(ex), sigs_cat, mh.band_keys(sigs_cat), 0.8) == a).all()
+    # and the bucketed path, with the same documents spread over units in another way
+    assert (bucketed([texts[:10], texts[10:11], texts[11:]], 5) == a).all()
+
+
+def planted(seed: int, clusters: list[int], singles: int, words: int = 200) -> list[str]:
+    """Clusters of known sizes (each member a few words off the cluster's base, some exact copies
+    in other case) shuffled among unrelated documents."""
+    rng = random.Random(seed)
+    texts = []
+    for c, size in enumerate(clusters):
+        base = doc(10_000 + seed * 100 + c, words)
+        for k in range(size):
+            t = list(base)
+            if k % 3 == 1:
+                t[rng.randrange(words)] = f"edit{k}"
+            texts.append(" ".join(t).upper() if k % 3 == 2 else " ".join(t))
+    texts += [" ".join(doc(50_000 + seed * 1000 + i, words)) for i in range(singles)]
+    rng.shuffle(texts)
+    return texts
+
+
+def bucketed(units: list[list[str]], buckets: int, threshold: float = 0.8, tmp: Path | None = None) -> np.ndarray:
+    """Flags of the bucketed path over documents given as units, concatenated in unit order."""
+    with tempfile.TemporaryDirectory() as d:
+        lay = db.Layout(Path(tmp or d))
+        mh = MinHasher(128, 5, 1, threshold)
+        keys = [f"u{i}" for i in range(len(units))]
+        for i, texts in enumerate(units):
+            sigs = np.stack([mh.signature(Words.of(t)) for t in texts]).astype(np.uint32)
+            db.write_unit(lay, i, keys[i], np.array([exact_key(t) for t in texts], dtype=np.uint64), sigs, mh, buckets)
+        for b in range(buckets):
+            db.save(lay.exact_out(b)[0], db.exact_bucket(lay, keys, b))
+        pairs = [db.pairs_bucket(lay, keys, b, buckets, 128, threshold) for b in range(buckets)]
+        db.save(lay.near(), db.join_pairs(np.concatenate(pairs)))
+        return np.concatenate([db.unit_flags(lay, i, len(t), buckets) for i, t in enumerate(units)])
+
+
+@pytest.mark.parametrize("buckets", [1, 3, 16])
+def test_bucketed_equals_in_memory_on_planted_clusters(buckets):
+    clusters = [2, 3, 5, 8, 1, 13, 4]
+    texts = planted(7, clusters, 60)
+    expected = run(texts)
+    # kept: one per cluster plus the unrelated documents; every other cluster member dropped
+    assert (expected == KEEP).sum() == len(clusters) + 60
+    assert (expected == EXACT).sum() > 0 and (expected == NEAR).sum() > 0
+    for cut in ([len(texts)], [10, 50, len(texts)], [1, 2, 3, 40, len(texts)]):  # units of all sizes
+        units = [texts[a:b] for a, b in zip([0, *cut[:-1]], cut, strict=True)]
+        assert (bucketed(units, buckets) == expected).all(), (buckets, cut)
+
+
+def test_join_pairs_keeps_the_earliest_of_each_component():
+    pairs = np.array([[5, 9], [9, 12], [1, 3], [12, 20], [3, 4]], dtype=np.uint64)
+    assert db.join_pairs(pairs).tolist() == [3, 4, 9, 12, 20]
+    assert db.join_pairs(np.zeros((0, 2), np.uint64)).tolist() == []
 
 
 def test_exact_only_and_params():

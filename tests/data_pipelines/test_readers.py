@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
@@ -178,6 +179,27 @@ def test_oversized_parquet_row_without_id_is_named_by_position(tmp_path):
     pq.write_table(pa.table({"id": ["a", None], "text": ["x" * 300, "y" * 300]}), tmp_path / "t.parquet")
     recs = records(cfg([tmp_path / "t.parquet"], max_doc_bytes=200))
     assert [(r.id, r.error) for r in recs] == [("a", "too_large"), ("t.parquet:1", "too_large")]  # not "None"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_multi_mb_line_is_too_large_without_being_held(tmp_path, suffix):
+    """A 40 MB record with max_doc_bytes=1000 is counted as too_large while Python never holds
+    more than a few MB (tracemalloc peak), and the records around it still read."""
+    big = b'{"id": "big", "text": "' + b"x" * (40 << 20) + b'"}'
+    body = b'{"id": "a", "text": "first"}\n' + big + b'\n{"id": "b", "text": "after"}\n'
+    path = tmp_path / f"big{suffix}"
+    path.write_bytes(gzip.compress(body, 1) if suffix.endswith(".gz") else body)
+    size = len(big)
+    del big, body
+    c = cfg([path], max_doc_bytes=1000)
+    tracemalloc.start()
+    try:
+        recs = [(r.id, r.error, r.nbytes) for r in read_unit(resolve_inputs(c)[0], c)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert recs == [("a", None, 28), (f"big{suffix}:2", "too_large", size), ("b", None, 28)]
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MB while reading a 40 MB line"
 
 
 # ---------------------------------------------------------------------------------------------

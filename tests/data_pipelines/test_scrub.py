@@ -285,3 +285,86 @@ def test_invalid_unicode_in_ids_and_metadata_is_repaired_not_fatal(tmp_path):
     assert [json.loads(r["meta"])["title"] for r in rows] == ["t\ufffd", "caf\ufffd"]
     audit = [json.loads(x) for x in (tmp_path / "out" / "audit" / "dropped.jsonl").read_text().splitlines()]
     assert [(a["id"], a["reason"]) for a in audit] == [("bad\ufffd", "malformed.non_string_text")]
+
+
+def planted_corpus(tmp_path: Path, clusters: tuple[int, ...] = (2, 3, 4, 6), singles: int = 9, files: int = 3) -> int:
+    """Near-duplicate clusters of known sizes (one word changed per member, every third member an
+    exact reflowed copy) dealt round-robin over several input files, so clusters span files, ranks
+    and buckets. Returns the number of documents a correct dedup keeps."""
+    docs = []
+    for c, size in enumerate(clusters):
+        base = prose(1000 + c, 15)
+        for k in range(size):
+            words = base.split(" ")
+            if k % 3 == 1:
+                words[4 + 7 * k] = "zebra"
+            text = " ".join(words)
+            docs.append({"id": f"c{c}m{k}", "text": "  ".join(text.split()) if k % 3 == 2 else text})
+    docs += [{"id": f"s{i}", "text": prose(2000 + i, 15)} for i in range(singles)]
+    random.Random(5).shuffle(docs)
+    d = tmp_path / "in"
+    d.mkdir()
+    for f in range(files):
+        write_jsonl(d / f"p{f}.jsonl", docs[f::files])
+    return len(clusters) + singles
+
+
+def test_bucketed_dedup_equals_in_memory_across_ranks_and_buckets(tmp_path, monkeypatch):
+    expected_kept = planted_corpus(tmp_path)
+    quiet = ("scrub.toxicity.enabled=false", "scrub.pii.enabled=false")
+    assert run_scrub(config(tmp_path, "memory", *quiet)) == 0
+    mem = read_manifest(tmp_path / "memory")
+    assert mem["documents"]["kept"] == expected_kept  # the planted clusters are what the dedup removes
+    assert mem["dropped_by_reason"].keys() == {"dedup.exact", "dedup.near"}
+    ranks = [("scrub.world_size=2", f"scrub.rank={r}") for r in (0, 1)]
+    bucketed = (*quiet, "scrub.dedup.method=bucketed", "scrub.dedup.buckets=5")
+    assert run_scrub(config(tmp_path, "b", *bucketed, *ranks[1], "scrub.stage=signatures")) == 0
+    with pytest.raises(UserError, match=r"phase 1 .* not finished for 2 unit\(s\)"):
+        run_scrub(config(tmp_path, "b", *bucketed, *ranks[1], "scrub.stage=buckets"))  # rank 0 has not run yet
+    assert run_scrub(config(tmp_path, "b", *bucketed, *ranks[0], "scrub.stage=signatures")) == 0
+    assert run_scrub(config(tmp_path, "b", *bucketed, *ranks[0], "scrub.stage=buckets")) == 0
+    with pytest.raises(UserError, match=r"dedup step 'buckets' is not finished for 2 bucket\(s\) \(00001, 00003\)"):
+        run_scrub(config(tmp_path, "b", *bucketed, *ranks[0], "scrub.stage=pairs"))
+    # a crash in the middle of one pairs bucket: the rerun redoes only that bucket
+    real, calls = scrub_mod.db.pairs_bucket, []
+
+    def flaky(layout, keys, bucket, *a):
+        calls.append(bucket)
+        if bucket == 3 and calls.count(3) == 1:
+            raise RuntimeError("killed")
+        return real(layout, keys, bucket, *a)
+
+    monkeypatch.setattr(scrub_mod.db, "pairs_bucket", flaky)
+    assert run_scrub(config(tmp_path, "b", *bucketed, *ranks[1], "scrub.stage=buckets")) == 0
+    with pytest.raises(RuntimeError, match="killed"):
+        run_scrub(config(tmp_path, "b", *bucketed, *ranks[1], "scrub.stage=pairs"))
+    assert run_scrub(config(tmp_path, "b", *bucketed, *ranks[1], "scrub.stage=pairs")) == 0
+    assert calls == [1, 3, 3]
+    assert run_scrub(config(tmp_path, "b", *bucketed, *ranks[0], "scrub.stage=pairs")) == 0
+    for r in ranks:
+        assert run_scrub(config(tmp_path, "b", *bucketed, *r, "scrub.stage=write")) == 0
+    assert run_scrub(config(tmp_path, "b", *bucketed, *ranks[0], "scrub.stage=merge")) == 0
+    b = read_manifest(tmp_path / "b")
+    assert kept_docs(tmp_path / "b") == kept_docs(tmp_path / "memory")
+    assert b["dropped_by_reason"] == mem["dropped_by_reason"]
+    assert not [p for p in (tmp_path / "b" / "_work" / "dedup").rglob("*") if p.is_file() and "done" not in p.name]
+
+
+def test_bucketed_dedup_equals_in_memory_on_the_demo_corpus(scrubbed_corpus, tmp_path):
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"scrub.output={tmp_path / 'b'}", "scrub.workers=1",
+                                                       "scrub.dedup.method=bucketed", "scrub.dedup.buckets=7"])
+    assert run_scrub(cfg) == 0
+    assert kept_docs(tmp_path / "b") == kept_docs(scrubbed_corpus)
+    assert read_manifest(tmp_path / "b")["dropped_by_reason"] == read_manifest(scrubbed_corpus)["dropped_by_reason"]
+
+
+@pytest.mark.parametrize("half", ["scrub.dedup.exact=false", "scrub.dedup.near=false"])
+def test_bucketed_dedup_with_one_half_off_equals_in_memory(tmp_path, half):
+    planted_corpus(tmp_path)
+    quiet = ("scrub.toxicity.enabled=false", "scrub.pii.enabled=false", half)
+    assert run_scrub(config(tmp_path, "memory", *quiet)) == 0
+    assert run_scrub(config(tmp_path, "b", *quiet, "scrub.dedup.method=bucketed", "scrub.dedup.buckets=3")) == 0
+    mem = read_manifest(tmp_path / "memory")["dropped_by_reason"]
+    assert list(mem) == (["dedup.near"] if "exact" in half else ["dedup.exact"])
+    assert read_manifest(tmp_path / "b")["dropped_by_reason"] == mem
+    assert kept_docs(tmp_path / "b") == kept_docs(tmp_path / "memory")
