@@ -113,7 +113,9 @@ def format_table(result: dict) -> str:
 
 def eval_pii_cli(path: str, cfg: Config) -> int:
     """`python -m data_pipelines eval-pii LABELLED.jsonl`: table, then one JSON line."""
-    from data_pipelines.filters.pii import PIIRedactor
+    from data_pipelines.filters.pii import (
+        PIIRedactor,  # lazy: phonenumbers and hyperscan load only to evaluate
+    )
 
     records = read_labelled(path)
     redactor = PIIRedactor(cfg.scrub.pii)
