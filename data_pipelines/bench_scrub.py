@@ -23,6 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from data_pipelines.filters.pii import PIIRedactor, measure_throughput
+from data_pipelines.pii_heldout import make_heldout_set
+
 log = logging.getLogger(__name__)
 
 PII_BAR_MB_S = 50.0
@@ -41,10 +44,6 @@ def _prepare_corpus(path: Path) -> list[str]:
 
 
 def bench_scrub(cfg, pii_only: bool = False) -> int:
-    from data_pipelines.filters.pii import (  # lazy: a command loads its stack when run
-        PIIRedactor,
-        measure_throughput,
-    )
     from data_pipelines.scrub import run_scrub  # lazy: a command loads its stack when run
 
     result: dict = {"corpus": "builtin:enwiki-sample"}
@@ -60,10 +59,6 @@ def bench_scrub(cfg, pii_only: bool = False) -> int:
         result["pii_bar_mb_per_s"] = PII_BAR_MB_S
         # The same articles with PII sprinkled in: a held-out document after every paragraph
         # break, so validators (phonenumbers above all) run on the hot path.
-        from data_pipelines.pii_heldout import (
-            make_heldout_set,  # lazy: only the bench needs the eval set
-        )
-
         extra = [r["text"] for r in make_heldout_set(seed=1)]
         sprinkled = [t.replace("\n\n", f"\n\n{extra[i % len(extra)]}\n\n", 40) for i, t in enumerate(texts)]
         result["pii_sprinkled_mb_per_s"] = round(measure_throughput(redactor, sprinkled, repeat=1), 2)

@@ -113,9 +113,9 @@ PATTERNS: tuple[Pattern, ...] = (
     Pattern("ip", "ipv6", r"[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f:]{0,34}",
             r"(?<![0-9A-Za-z:_.])([0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7})(?![0-9A-Za-z:_]|\.\d)",
             v.valid_ipv6, lambda t: "::" in t or t.count(":") >= 3, anchors=(":",), anchor_window=(5, 45)),
-    Pattern("phone", "phone", r"(?:\+|00)?\(?\d[\d().\-/ ]{4,24}\d",
+    Pattern("phone", "phone", r"(?:\+|00)?\(?\d[\d().\-/ ]{5,24}\d",
             # The first character is consumed before the lookbehinds so `re` can skip ahead by it.
             r"([+(\d](?<![\d+][+(\d])(?<!\d\.[+(\d])(?:(?<=\+)\s?\(?\d|(?<=\()\d|(?<=\d))"
-            r"[\d().\-/ \u00a0]{4,40}\d(?:\s?(?:x|ext\.?)\s?\d{1,6})?)(?!\d|\.\d)",
+            r"[\d().\-/ \u00a0]{5,40}\d(?:\s?(?:x|ext\.?)\s?\d{1,6})?)(?!\d|\.\d)",
             v.always, has_digit, tail=30, spans=phone_spans, digit_run=True),
 )

@@ -218,7 +218,7 @@ def phone_spans(c: Candidate) -> list[tuple[int, int, float]]:
     cand = c.value
     n_digits = sum(map(str.isdigit, cand))
     if n_digits < 6 or (n_digits == 6 and not (c.settings.phone_cues and has_cue(c.text, c.start))):
-        return []  # cheap exit for the many short runs in prose ("15 (15", "348/47"): only "Tel 12 34 56" is 6 digits
+        return []  # cheap exit for short runs in prose ("2002 55(4"): only "Tel 12 34 56" has 6 digits
     start, cand = c.start, _trim_open_paren(cand)
     pieces = [(0, len(cand))]
     if _STRONG_BREAK.search(cand):

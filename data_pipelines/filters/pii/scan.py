@@ -9,9 +9,9 @@ from collections.abc import Iterable
 
 from data_pipelines.filters.pii.patterns import Pattern
 
-# Superset of every card/SSN/IPv4/phone match: 6+ characters from the union of their alphabets,
+# Superset of every card/SSN/IPv4/phone match: 7+ characters from the union of their alphabets,
 # digits at both ends (a phone's leading "+ (" is covered by _DIGIT_HEAD).
-DIGIT_RUN = re.compile(r"\d[\d().\-/ \u00a0]{4,}\d")
+DIGIT_RUN = re.compile(r"\d[\d().\-/ \u00a0]{5,}\d")
 _DIGIT_HEAD = 3
 
 
