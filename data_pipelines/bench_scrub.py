@@ -18,18 +18,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from data_pipelines.filters.pii import PIIRedactor, measure_throughput
+from data_pipelines.pii_heldout import make_heldout_set
+
 log = logging.getLogger(__name__)
 
-PII_BAR_MB_S = 10.0
+PII_BAR_MB_S = 50.0
 FULL_BAR_MB_S = 2.0
 
 
 def _prepare_corpus(path: Path) -> list[str]:
-    from data_pipelines.readers import read_enwiki
+    from data_pipelines.readers import read_enwiki  # lazy: a command loads its stack when run
 
     texts = []
     with open(path, "w", encoding="utf-8") as fh:
@@ -40,9 +44,7 @@ def _prepare_corpus(path: Path) -> list[str]:
 
 
 def bench_scrub(cfg, pii_only: bool = False) -> int:
-    from data_pipelines.filters.pii import PIIRedactor, measure_throughput
-    from data_pipelines.readers import raw_lines
-    from data_pipelines.scrub import filters_for, run_scrub
+    from data_pipelines.scrub import run_scrub  # lazy: a command loads its stack when run
 
     result: dict = {"corpus": "builtin:enwiki-sample"}
     with tempfile.TemporaryDirectory(prefix="scrub-bench-") as tmp:
@@ -55,21 +57,26 @@ def bench_scrub(cfg, pii_only: bool = False) -> int:
         redactor.redact(texts[0])  # warm-up
         result["pii_mb_per_s"] = round(measure_throughput(redactor, texts, repeat=3), 2)
         result["pii_bar_mb_per_s"] = PII_BAR_MB_S
+        # The same articles with PII sprinkled in: a held-out document after every paragraph
+        # break, so validators (phonenumbers above all) run on the hot path.
+        extra = [r["text"] for r in make_heldout_set(seed=1)]
+        sprinkled = [t.replace("\n\n", f"\n\n{extra[i % len(extra)]}\n\n", 40) for i, t in enumerate(texts)]
+        result["pii_sprinkled_mb_per_s"] = round(measure_throughput(redactor, sprinkled, repeat=1), 2)
+        spans = sum(len(redactor.detect(t)) for t in sprinkled)
+        result["pii_sprinkled_spans_per_mb"] = round(spans / (sum(len(t.encode("utf-8")) for t in sprinkled) / 1e6))
 
         if not pii_only:
             scrub = dataclasses.replace(cfg.scrub, inputs=[str(corpus)], input_format="auto",
                                         output=str(Path(tmp) / "out"), workers=1, rank=0, world_size=1,
                                         stage="all")
             run_cfg = dataclasses.replace(cfg, scrub=scrub)
-            f = filters_for(run_cfg)  # load models and compile patterns outside the timed region
-            warm = Path(tmp) / "warm.jsonl"
-            warm.write_text('{"text": "warm-up"}\n')
-            list(raw_lines(str(warm)))  # HF datasets' first load_dataset in a process costs ~1.5 s
-            if f.language:
-                f.language.keep(texts[0])
-            if f.toxicity:
-                f.toxicity.score(texts[0][:2000])
-            f.redact(texts[0][:2000])
+            # Warm-up: one scrub of a few documents with the very same config (same input path and
+            # output), so models load, patterns compile and HF datasets starts up outside the clock.
+            # The filters are cached per process and config, so the timed run reuses them.
+            corpus.write_text("".join(json.dumps({"id": f"warm-{i}", "text": t}) + "\n" for i, t in enumerate(texts[:3])))
+            run_scrub(run_cfg)
+            shutil.rmtree(scrub.output)
+            _prepare_corpus(corpus)
             t0 = time.perf_counter()
             run_scrub(run_cfg)
             wall = time.perf_counter() - t0
@@ -83,7 +90,8 @@ def bench_scrub(cfg, pii_only: bool = False) -> int:
     result["pii_pass"] = result["pii_mb_per_s"] >= PII_BAR_MB_S
     if not pii_only:
         result["full_pass"] = result["full_mb_per_s"] >= FULL_BAR_MB_S
-    print(f"PII alone: {result['pii_mb_per_s']} MB/s per worker (bar {PII_BAR_MB_S})")
+    print(f"PII alone: {result['pii_mb_per_s']} MB/s per worker (bar {PII_BAR_MB_S}); "
+          f"with PII sprinkled in: {result['pii_sprinkled_mb_per_s']} MB/s")
     if not pii_only:
         print(f"full pipeline: {result['full_mb_per_s']} MB/s per worker (bar {FULL_BAR_MB_S})")
     print(json.dumps(result))

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from data_pipelines.filters.pii import PIIRedactor
 from pretrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -113,8 +114,6 @@ def format_table(result: dict) -> str:
 
 def eval_pii_cli(path: str, cfg: Config) -> int:
     """`python -m data_pipelines eval-pii LABELLED.jsonl`: table, then one JSON line."""
-    from data_pipelines.filters.pii import PIIRedactor
-
     records = read_labelled(path)
     redactor = PIIRedactor(cfg.scrub.pii)
     result = evaluate(records, redactor)
