@@ -8,7 +8,7 @@ PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast test-gpu lint demo bench clean readme-config
+.PHONY: install test test-fast test-gpu lint demo bench bench-gpu bench-overhead clean readme-config
 
 install: $(STAMP)
 
@@ -42,6 +42,14 @@ demo: install
 
 bench: install
 	bash launch/bench.sh
+
+# The framework-overhead proxy on CPU (issue 12): trainer step vs bare model step vs nanoGPT's.
+bench-overhead: install
+	$(PY) -m pretrain.bench_overhead
+
+# The whole one-GPU check (test-gpu, model step vs nanoGPT, 125M/1B/7B trainer benches), one table.
+bench-gpu: install
+	PYTHON=$(PY) bash launch/bench_gpu.sh
 
 clean:
 	rm -rf runs artifacts .pytest_cache

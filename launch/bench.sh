@@ -24,6 +24,7 @@ run() {  # run NAME CMD...: keep the full log, return the last JSON line
 run scrub   "$PY" -m data_pipelines bench scrub
 run loader  "$PY" -m data_pipelines bench loader --config configs/bench/cpu_small.yaml
 run trainer "$PY" -m pretrain bench configs/bench/cpu_small.yaml
+run overhead "$PY" -m pretrain.bench_overhead configs/bench/cpu_overhead.yaml
 
 "$PY" - "$OUT" <<'PYEOF'
 import json, platform, sys, os
@@ -32,7 +33,7 @@ out = Path(sys.argv[1])
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 import torch
 rows = []
-for name in ("scrub", "loader", "trainer"):
+for name in ("scrub", "loader", "trainer", "overhead"):
     data = json.loads((out / f"{name}.json").read_text())
     for k, v in data.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -246,6 +246,7 @@ class TrainConfig:
     max_tokens: int | None = fld(None, "Stop once this many tokens were trained on.", ge=1)
     max_time_s: float | None = fld(None, "Stop (and save) after this wall-clock budget in seconds, counted from the start of the command (set-up and resume included).", gt=0)
     precision: str = fld("bf16", "Training precision.", choices=("bf16", "fp16", "fp32"))
+    fp8: bool = fld(False, "Float8 matmuls (torchao) for the large Linear layers; CUDA compute capability >= 8.9, ZeRO-1/2.")
     grad_clip: float = fld(1.0, "Clip the global gradient norm to this (0 = off).", ge=0)
     eval_every: int = fld(200, "Validation every this many steps (0 = never).", ge=0)
     eval_batches: int = fld(20, "Validation batches per evaluation.", ge=1)

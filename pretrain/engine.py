@@ -33,6 +33,7 @@ from typing import Any
 from pretrain.config import Config, deep_merge
 from pretrain.errors import ConfigError, UserError
 from pretrain.fileio import write_text_atomic
+from pretrain.fp8 import check_fp8_support, convert_to_fp8
 from pretrain.schedules import lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def check_device_support(cfg: Config, accelerator: str) -> None:
             raise ConfigError("train.precision=fp16 is not supported on this CPU; use train.precision=bf16 or fp32")
     if accelerator == "cuda" and cfg.train.precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError("train.precision=bf16 needs an Ampere or newer GPU; use train.precision=fp16")
+    check_fp8_support(cfg, accelerator)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +253,8 @@ def build_engine(cfg: Config, model, info, run_dir: str | os.PathLike | None):
     if run_dir is not None and info.rank == 0:
         write_text_atomic(Path(run_dir) / "ds_config.json", text + "\n")
 
+    if cfg.train.fp8:  # before the optimizer: Float8Linear keeps the same weight parameters
+        convert_to_fp8(model)
     optimizer = build_optimizer(cfg, model, on_cuda)
     factor = lr_multiplier(cfg.optim, schedule_horizon(cfg, info.world_size))
     engine, _, _, _ = deepspeed.initialize(

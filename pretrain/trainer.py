@@ -167,6 +167,17 @@ def agree(local_loss: torch.Tensor, requests: tuple[bool, ...], device: str, wor
     return loss / world, tuple(f > 0 for f in flags)
 
 
+def step_grad_norm(engine, applied: bool, logging: bool) -> float | None:
+    """The step's global gradient norm, read only on a logging step or a skipped update.
+
+    Reading it is a host sync that waits for the optimizer's kernels, so the next forward is
+    launched into an idle GPU. An applied update already had a finite norm (DeepSpeed's overflow
+    check, or GuardedAdamW on ZeRO-0 fp32, skips every other one; see pretrain.engine), so on the
+    other steps there is nothing to learn from it.
+    """
+    return grad_norm(engine) if logging or not applied else None
+
+
 def evaluate(session: Session) -> dict | None:
     """Validation loss (token-weighted) and perplexity over train.eval_batches batches per rank.
 
@@ -251,8 +262,9 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int]) -> int:
             loss, agreed = agree(local_loss, policy.requests(), info.device, info.world_size)
             state.step, state.tokens_seen = step, state.tokens_seen + s.tokens_per_step
             meter.update(s.tokens_per_step, time.perf_counter() - t0, wait)
-            gnorm = grad_norm(engine)
-            bad = nonfinite.account(state, step, loss, engine.was_step_applied(), gnorm)
+            applied = engine.was_step_applied()
+            gnorm = step_grad_norm(engine, applied, step % t.log_every == 0)
+            bad = nonfinite.account(state, step, loss, applied, gnorm)
             stop = policy.after_step(agreed, nonfinite.in_a_row)
 
             _log_step(s, monitor, meter, state, loss, lr, gnorm, nonfinite.in_a_row, force=bad)
