@@ -7,11 +7,13 @@ typo costs a second, not a cluster start-up.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
 from pretrain.dist import exit_process, strip_launcher_args
 from pretrain.errors import exit_on_user_error
+from pretrain.parent_death import arm_parent_death, started_by_launcher
 
 
 def _config_command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
+    parent = os.getppid()  # first: arm_parent_death checks the parent did not die before it ran
     argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
 
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command in ("train", "bench"):
+        if started_by_launcher():  # a worker of torchrun / deepspeed / srun dies with its launcher
+            arm_parent_death(parent)
         from pretrain.config import load_config, to_yaml
 
         cfg = load_config(args.config, args.overrides)

@@ -60,6 +60,8 @@ class RunConfig:
     seed: int = fld(1337, "Global seed (model init, data shuffling, sampling).", ge=0)
     log_level: str = fld("info", "Log level on global rank 0.", choices=("debug", "info", "warning", "error"))
     log_all_ranks: bool = fld(False, "Log at run.log_level on every rank, not only warnings on ranks > 0.")
+    lease_heartbeat_s: float = fld(10.0, "Seconds between refreshes of the run directory's lease (RUN_DIR/.lease.json) by global rank 0.", gt=0)
+    lease_stale_s: float = fld(120.0, "A lease whose heartbeat is older than this (or whose process is gone, same host) is taken over; a live one makes a second job exit 2. Must exceed run.lease_heartbeat_s.", gt=0)
 
 
 @dataclass
@@ -253,6 +255,8 @@ class TrainConfig:
     log_every: int = fld(10, "Log metrics every this many steps.", ge=1)
     max_nonfinite_in_a_row: int = fld(5, "Save and stop after this many consecutive NaN/Inf losses or gradient norms.", ge=1)
     progress_bar: bool = fld(True, "Show a progress bar on rank 0.")
+    hang_timeout_s: float = fld(1800.0, "Hang watchdog: no optimizer step completed for this long (start-up, first step, evaluation and saves not counted) -> every rank writes its Python stacks to RUN_DIR/hang/rank_NNNNN.txt and exits with status 4 (0 = off). Keep it below train.collective_timeout_s.", ge=0)
+    collective_timeout_s: float = fld(2400.0, "Timeout of a collective (all-reduce, barrier) before torch.distributed fails it.", gt=0)
 
 
 @dataclass
@@ -363,6 +367,8 @@ def cross_field_problems(cfg: Config, world_size: int | None = None) -> list[str
             f" x train.grad_accum_steps ({t.grad_accum_steps}) x data-parallel size ({dp})"
             f" = {t.micro_batch_size * t.grad_accum_steps * dp}"
         )
+    if cfg.run.lease_stale_s <= cfg.run.lease_heartbeat_s:
+        p.append(f"run.lease_stale_s ({cfg.run.lease_stale_s}) must exceed run.lease_heartbeat_s ({cfg.run.lease_heartbeat_s})")
     if o.min_lr > o.lr:
         p.append(f"optim.min_lr ({o.min_lr}) must not exceed optim.lr ({o.lr})")
     if ds.offload_params and ds.zero_stage != 3:

@@ -8,6 +8,7 @@ itself, so nobody has to remember ``DS_ACCELERATOR=cpu``.
 from __future__ import annotations
 
 import atexit
+import datetime
 import logging
 import os
 import sys
@@ -51,11 +52,13 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (NCCL on CUDA, gloo on CPU); idempotent.
 
     Works for plain ``python`` (one process: a local rendezvous is set up), ``torchrun``, the
     ``deepspeed`` launcher and SLURM (SLURM_PROCID/SLURM_NTASKS when RANK is not set).
+    ``timeout_s`` bounds every collective (train.collective_timeout_s); on CUDA, NCCL's async
+    error handling is on (unless set) so a timed-out collective ends the process instead of hanging.
     """
     accel = select_accelerator()
     import torch
@@ -79,10 +82,12 @@ def init_distributed() -> DistInfo:
     backend = "nccl" if accel == "cuda" else "gloo"
     if accel == "cuda":
         torch.cuda.set_device(local_rank)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not torch_dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **timeout)
     device = f"cuda:{local_rank}" if accel == "cuda" else "cpu"
     return DistInfo(torch_dist.get_rank(), local_rank, torch_dist.get_world_size(), backend, device)
 

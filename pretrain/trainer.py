@@ -2,7 +2,7 @@
 
 Layout, top to bottom::
 
-    setup(cfg)                 process group, seed, tokenizer, loader, model, DeepSpeed engine
+    setup(cfg)                 process group, run-dir lease, seed, tokenizer, loader, model, engine
     train(cfg)                 signals -> setup -> resume -> monitor -> loop -> final save -> status
       loop:  train_step        micro-batches (from the Prefetcher thread) through forward /
                                backward / engine.step
@@ -12,6 +12,7 @@ Layout, top to bottom::
              _log_step         progress bar, metrics.jsonl + wandb every train.log_every steps
              evaluate          every train.eval_every steps (and at a normal end)
              checkpoint        when due, and on every exit path (checkpoint.save_on_exit)
+             HangWatchdog      beaten after every step, paused for evaluation and saves
 
 ``bench`` reuses ``setup``, ``Prefetcher`` and ``train_step``: the benchmark times this code.
 
@@ -19,7 +20,9 @@ Every rank takes every decision from reduced values, so ranks never disagree abo
 skipping or saving. Exit status: 0 on a normal stop or a signal (SIGTERM/SIGUSR1: the current
 step finishes, the run saves and exits 0 so SLURM can requeue it), 3 after
 ``train.max_nonfinite_in_a_row`` consecutive non-finite steps (also when a signal came at the same
-time: a diverged run must not be requeued), 1 on an exception (wandb marks the run failed).
+time: a diverged run must not be requeued), 4 when the hang watchdog fired (pretrain/hang.py; nothing
+is saved), 2 when another job holds the run directory's lease (pretrain/run_lease.py), 1 on an
+exception (wandb marks the run failed).
 
 Test hook: ``PRETRAIN_INJECT_NAN_STEPS=5,6`` multiplies global rank 0's loss by NaN at those
 (1-based) steps; the NaN reaches every rank through the gradient all-reduce, exactly like a real
@@ -57,8 +60,10 @@ from pretrain.engine import (
     schedule_horizon,
 )
 from pretrain.errors import UserError
+from pretrain.hang import HangWatchdog
 from pretrain.model import Transformer
 from pretrain.monitor import Monitor, Throughput, flops_and_peak, memory_bytes
+from pretrain.run_lease import RunLease
 from pretrain.stopping import NonFinite, Stop, StopPolicy, StopSignals
 
 log = logging.getLogger(__name__)
@@ -84,6 +89,7 @@ class Session:
     run_dir: Path
     tokens_per_step: int  # global tokens per optimizer step
     val_cache: list | None = field(default=None)
+    lease: RunLease | None = field(default=None)  # held by global rank 0 of a training run
 
 
 def seed_everything(seed: int) -> None:
@@ -92,11 +98,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup(cfg: Config, write_run_files: bool = True) -> Session:
-    """Process group, tokenizer, loader, model and engine, identical for train and bench."""
+def setup(cfg: Config, write_run_files: bool = True, held: contextlib.ExitStack | None = None) -> Session:
+    """Process group, tokenizer, loader, model and engine, identical for train and bench.
+
+    A run that writes its run directory first takes the directory's lease (released by ``held``).
+    """
     check_device_support(cfg, select_accelerator())
-    info = init_distributed()
+    info = init_distributed(cfg.train.collective_timeout_s)
     run_dir = Path(cfg.run.dir)
+    lease = take_lease(cfg, info) if write_run_files else None
+    if lease is not None and held is not None:
+        held.callback(lease.release)
     if write_run_files and info.rank == 0:
         save_resolved(cfg, run_dir)
 
@@ -113,7 +125,30 @@ def setup(cfg: Config, write_run_files: bool = True) -> Session:
     torch.manual_seed(cfg.run.seed + 1 + info.rank)  # per-rank stream for anything stochastic after init
     t = cfg.train
     tokens = t.micro_batch_size * t.grad_accum_steps * info.world_size * cfg.data.seq_len
-    return Session(cfg, info, model, engine, loader, tokenizer, tokenizer_path, run_dir, tokens)
+    return Session(cfg, info, model, engine, loader, tokenizer, tokenizer_path, run_dir, tokens, lease=lease)
+
+
+def take_lease(cfg: Config, info) -> RunLease | None:
+    """Global rank 0 takes run.dir's lease; every rank learns the outcome before writing anything.
+
+    One broadcast: if rank 0 could not take it, every rank raises (rank 0 the holder's message,
+    the others a pointer to it), so all exit 2 and nothing is written to the run directory.
+    """
+    lease, error = None, None
+    if info.rank == 0:
+        try:
+            lease = RunLease.acquire(cfg.run.dir, cfg.run.lease_heartbeat_s, cfg.run.lease_stale_s, what="run.dir")
+        except BaseException as e:  # re-raised below, once the other ranks know
+            error = e
+    if info.world_size > 1:
+        ok = torch.tensor([0.0 if error else 1.0], device=info.device)
+        dist.broadcast(ok, src=0)
+        if info.rank and not ok.item():
+            raise UserError(f"run.dir {cfg.run.dir}: global rank 0 could not take the run directory's lease "
+                            "(its message says why); this rank writes nothing")
+    if error is not None:
+        raise error
+    return lease
 
 
 def _load_tokenizer(cfg: Config):
@@ -226,12 +261,13 @@ def train(cfg: Config) -> int:
     """Train until a stop condition; returns the process exit status."""
     started = time.monotonic()  # train.max_time_s counts set-up and resume too: it is the job's budget
     nan_steps = _nan_steps()  # a malformed test hook fails before any set-up
-    with StopSignals() as signals:  # installed first: a preemption during set-up still saves
-        return _train(cfg, StopPolicy(cfg.train, signals, started), nan_steps)
+    # Signals first (a preemption during set-up still saves); the lease is released on every way out.
+    with StopSignals() as signals, contextlib.ExitStack() as held:
+        return _train(cfg, StopPolicy(cfg.train, signals, started), nan_steps, held)
 
 
-def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int]) -> int:
-    s = setup(cfg)
+def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextlib.ExitStack) -> int:
+    s = setup(cfg, held=held)
     info, engine, t = s.info, s.engine, cfg.train
     checkpointer = Checkpointer(cfg, engine, info, s.tokenizer_path)
     state = TrainState()
@@ -250,6 +286,10 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int]) -> int:
 
     batches = Prefetcher(s.loader, depth=max(2, cfg.data.prefetch))
     nonfinite = NonFinite(t.precision)
+    # Armed by the first step's beat: start-up, resume and compilation never count as a hang.
+    watchdog = HangWatchdog(t.hang_timeout_s, s.run_dir, info.rank, info.world_size,
+                            on_fire=s.lease.release if s.lease else None).start()
+    held.callback(watchdog.stop)
     stop: Stop | None = policy.limit(state)
     engine.train()
     try:
@@ -260,6 +300,7 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int]) -> int:
             local_loss, wait = train_step(engine, batches, t.grad_accum_steps, info.device,
                                           inject_nan=step in nan_steps and info.rank == 0)
             loss, agreed = agree(local_loss, policy.requests(), info.device, info.world_size)
+            watchdog.beat()
             state.step, state.tokens_seen = step, state.tokens_seen + s.tokens_per_step
             meter.update(s.tokens_per_step, time.perf_counter() - t0, wait)
             applied = engine.was_step_applied()
@@ -269,16 +310,18 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int]) -> int:
 
             _log_step(s, monitor, meter, state, loss, lr, gnorm, nonfinite.in_a_row, force=bad)
             evaluating = bool(t.eval_every) and step % t.eval_every == 0 and not (stop and stop.preempted)
-            if evaluating:
-                _eval_and_log(s, monitor, step)
             saving = checkpointer.due(step)
-            if saving:
-                checkpointer.save(state, batches.state)
+            with watchdog.paused():
+                if evaluating:
+                    _eval_and_log(s, monitor, step)
+                if saving:
+                    checkpointer.save(state, batches.state)
             if (evaluating or saving) and stop is None:  # a signal that came meanwhile stops here
                 signalled = agree(torch.zeros(()), policy.requests()[:1], info.device, info.world_size)[1][0]
                 stop = policy.after_pause(signalled)
             stop = stop or policy.limit(state)
 
+        watchdog.stop()  # the final evaluation and save are not steps
         # A final evaluation on a normal end (not on preemption: the grace period is short).
         if stop.exit_code == 0 and not stop.preempted and t.eval_every and state.step > 0 and state.step % t.eval_every:
             _eval_and_log(s, monitor, state.step)

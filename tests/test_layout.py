@@ -1,6 +1,6 @@
 """The dependency direction of the two packages, read from every module's imports.
 
-    basics (errors, fileio, config, logging_setup)  import nothing else of the project
+    basics (errors, fileio, config, logging_setup, run_lease)  import nothing else of the project
     data_pipelines.*                                 import data_pipelines.* and the basics
     pretrain.*                                       import pretrain.* and data_pipelines.loaders
 
@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pretrain", "data_pipelines")
-BASICS = {"pretrain.errors", "pretrain.fileio", "pretrain.config", "pretrain.logging_setup"}
+BASICS = {"pretrain.errors", "pretrain.fileio", "pretrain.config", "pretrain.logging_setup", "pretrain.run_lease"}
 LOADER_ENTRY = "data_pipelines.loaders"
 
 

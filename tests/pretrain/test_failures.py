@@ -1,0 +1,166 @@
+"""Failures a cluster throws at a run, through the real command (torchrun, 2 ranks, gloo, CPU):
+a second job on a live run directory, a SIGKILLed launcher, a stopped rank."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from _trainer_helpers import (
+    REPO,
+    TIMEOUT,
+    command,
+    metrics,
+    run_train,
+    tiny_data_fixture,  # noqa: F401 - registers the tiny_data fixture
+    write_config,
+)
+
+from pretrain.checkpoint import find_latest_complete
+from pretrain.hang import EXIT_HANG, stack_file
+from pretrain.run_lease import LEASE_NAME, pid_alive
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _start(cfg, overrides, nproc=2) -> subprocess.Popen:
+    return subprocess.Popen(command(cfg, overrides, nproc), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(p: subprocess.Popen, cond, what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if p.poll() is not None:
+            pytest.fail(f"job ended (status {p.returncode}) before {what}:\n{p.stdout.read()[-4000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _workers(p: subprocess.Popen) -> list:
+    """The launcher's descendants: the training ranks and their DataLoader workers."""
+    import psutil
+
+    return psutil.Process(p.pid).children(recursive=True)
+
+
+def _rank(workers: list, rank: int):
+    (w,) = [c for c in workers if c.environ().get("RANK") == str(rank) and c.environ().get("LOCAL_RANK") is not None
+            and c.ppid() not in {x.pid for x in workers}]
+    return w
+
+
+def _steps(run) -> list[int]:
+    return [r["step"] for r in metrics(run, "train")]
+
+
+def _stop(p: subprocess.Popen, extra: list[int] = ()) -> None:
+    for pid in extra:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.slow
+def test_second_job_on_a_live_run_dir_exits_2_and_changes_nothing(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, run)
+    first = _start(cfg, ["train.max_steps=100000", "checkpoint.every_steps=0", "checkpoint.save_on_exit=true"])
+    try:
+        _wait_for(first, lambda: len(metrics(run, "train")) >= 2, "the first job's step 2")
+        config_before = (run / "config.yaml").read_bytes(), (run / "config.yaml").stat().st_mtime_ns
+        files_before = sorted(p.name for p in run.iterdir())
+
+        t0 = time.monotonic()
+        second = run_train(cfg, ["train.max_steps=100000"], nproc=2, ok=False)  # torchrun, 2 ranks
+        took = time.monotonic() - t0
+        out = second.stdout + second.stderr
+        assert second.returncode != 0 and len(re.findall(r"exitcode\s*:\s*2 \(pid", out)) == 2, out[-4000:]
+        assert f"run.dir {run} is in use by another job (host " in out and f"pid {first.pid}" not in out
+        assert re.search(r"pid \d+, no SLURM job, last heartbeat \d+ s ago", out), out[-3000:]
+        assert "global rank 0 could not take the run directory's lease" in out
+        single = run_train(cfg, [], nproc=1, ok=False)  # plain python: the status is the job's
+        assert single.returncode == 2 and "is in use by another job" in single.stderr, single.stderr[-3000:]
+        print(f"second job (torchrun, 2 ranks) exited after {took:.1f} s")
+        assert took < 60
+        assert ((run / "config.yaml").read_bytes(), (run / "config.yaml").stat().st_mtime_ns) == config_before
+        assert sorted(p.name for p in run.iterdir()) == files_before
+        assert first.poll() is None
+
+        rank1 = _rank(_workers(first), 1)
+        rank1.send_signal(signal.SIGTERM)  # stop the first job cleanly: it saves and exits 0
+        out, _ = first.communicate(timeout=TIMEOUT)
+    finally:
+        _stop(first)
+    assert first.returncode == 0, out[-4000:]
+    steps = _steps(run)
+    assert steps == list(range(1, len(steps) + 1))  # metrics.jsonl intact: one row per step, in order
+    assert not (run / LEASE_NAME).exists()  # released on the way out
+    assert find_latest_complete(run / "checkpoints").name == f"step_{steps[-1]:08d}"
+
+
+@pytest.mark.slow
+def test_sigkill_of_torchrun_ends_its_workers_and_the_restart_resumes(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, run)
+    common = ["checkpoint.every_steps=2", "checkpoint.save_on_exit=false", "data.num_workers=1"]
+    job = _start(cfg, [*common, "train.max_steps=100000"])
+    pids: list[int] = []
+    try:
+        _wait_for(job, lambda: find_latest_complete(run / "checkpoints") is not None and len(_steps(run)) >= 4,
+                  "a complete checkpoint")
+        workers = _workers(job)
+        pids = [w.pid for w in workers]
+        assert len(pids) == 4, [w.cmdline() for w in workers]  # 2 ranks + a DataLoader worker each
+        job.send_signal(signal.SIGKILL)  # torchrun alone, like the OOM killer
+        job.wait()
+        deadline = time.monotonic() + 60
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in pids if pid_alive(p)], "orphaned workers survived their launcher"
+        print(f"all {len(pids)} worker processes gone {60 - (deadline - time.monotonic()):.1f} s after SIGKILL of torchrun")
+    finally:
+        _stop(job, pids)
+    assert (run / LEASE_NAME).exists()  # SIGKILL: nobody released it; the restart takes it over
+    resume_at = int(find_latest_complete(run / "checkpoints").name.split("_")[1])
+    p = run_train(cfg, [*common, f"train.max_steps={resume_at + 3}"])
+    assert "taking over a stale lease" in p.stderr and "is gone" in p.stderr
+    assert f"resumed at step {resume_at}" in p.stderr
+    assert f"stopping at step {resume_at + 3}" in p.stderr
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_makes_the_other_write_its_stacks_and_exit(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, run)
+    hang_timeout = 10
+    run_train(cfg, ["train.max_steps=3", "checkpoint.save_on_exit=true"])  # the last complete checkpoint
+    job = _start(cfg, ["train.max_steps=100000", "checkpoint.save_on_exit=true", f"train.hang_timeout_s={hang_timeout}"])
+    rank1 = None
+    try:
+        _wait_for(job, lambda: len(_steps(run)) >= 5, "step 5")  # no saves and no evaluation from here
+        rank1 = _rank(_workers(job), 1)
+        rank1.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        out, _ = job.communicate(timeout=hang_timeout + 60)
+        took = time.monotonic() - t0
+    finally:
+        _stop(job, [rank1.pid] if rank1 else [])
+    assert job.returncode != 0 and re.search(rf"exitcode\s*:\s*{EXIT_HANG} \(pid", out), out[-4000:]
+    print(f"job with a stopped rank exited {took:.1f} s after SIGSTOP (train.hang_timeout_s={hang_timeout})")
+    assert took < hang_timeout + 60
+    stacks = stack_file(run, 0).read_text()
+    assert "no optimizer step completed" in stacks and "train_step" in stacks  # where the main thread waits
+    assert stacks.count("hread 0x") >= 2  # all threads, not only the watchdog's
+    assert not stack_file(run, 1).exists()
+    assert "no stack file from ranks [1]" in out, out[-4000:]
+    assert find_latest_complete(run / "checkpoints").name == "step_00000003"  # nothing saved by the hang
+
+    p = run_train(cfg, ["train.max_steps=5", "checkpoint.save_on_exit=true"])
+    assert "resumed at step 3" in p.stderr and "stopping at step 5" in p.stderr
