@@ -213,8 +213,9 @@ def test_elastic_resume_feeds_every_token_once_per_epoch(runs):
         got = epoch_tokens(ela, epoch)
         if got != runs["epoch"]:
             extra, missing = got - runs["epoch"], runs["epoch"] - got
-            pytest.fail(f"elastic run, epoch {epoch}: {sum(extra.values())} token(s) fed beyond the corpus, "
-                        f"{sum(missing.values())} never fed")
+            pytest.fail(f"elastic run, epoch {epoch} (steps {epoch * STEPS_PER_EPOCH + 1}-{(epoch + 1) * STEPS_PER_EPOCH}): "
+                        f"{sum(extra.values())} token id(s) fed more often than the corpus holds them, "
+                        f"{sum(missing.values())} of the corpus not fed")
 
 
 @pytest.mark.slow
