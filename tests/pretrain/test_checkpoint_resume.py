@@ -149,19 +149,3 @@ def test_trainer_exact_resume(trainer_config, tmp_path, stage):
     for r in rows:  # the crashed attempts' steps too: every attempt computed the same numbers
         assert r["train/loss"] == base[r["step"]]["train/loss"], (r["step"], r["train/loss"], base[r["step"]])
         assert r["train/tokens_seen"] == base[r["step"]]["train/tokens_seen"]
-
-
-@pytest.mark.slow
-def test_trainer_elastic_resume_2_to_1_to_2(trainer_config, tmp_path):
-    run_dir = tmp_path / "run"
-    train(trainer_config, run_dir, 2, "train.max_steps=4")
-    log1 = train(trainer_config, run_dir, 1, "train.max_steps=6")
-    log2 = train(trainer_config, run_dir, 2)
-    assert "2 -> 1 data-parallel ranks" in log1 and "1 -> 2 data-parallel ranks" in log2
-    rows = train_rows(run_dir)
-    assert [r["step"] for r in rows] == list(range(1, 9))
-    # 2 ranks x 4 x 32 tokens per step, then 1 rank, then 2 again: the count continues exactly.
-    tokens = [r["train/tokens_seen"] for r in rows]
-    per = [256, 256, 256, 256, 128, 128, 256, 256]
-    assert tokens == [sum(per[: i + 1]) for i in range(8)]
-    assert all(r["train/loss"] < 9.0 for r in rows[4:])  # continued training, not a re-initialised model
