@@ -33,7 +33,8 @@ def test_bench_prints_json_last_line_and_profile(tiny_data, tmp_path):
         result["tokens_per_s"] * result["flops_per_token"] / result["peak_flops"], rel=1e-2)
     assert 0 <= result["loader_wait_frac"] < 1
     assert set(result["phase_frac"]) == {"forward", "backward", "optimizer_step"}
-    assert 0.5 < sum(result["phase_frac"].values()) <= 1.01
+    # The phases are timed inside each step: every one took time, together no more than the step.
+    assert all(v > 0 for v in result["phase_frac"].values()) and sum(result["phase_frac"].values()) <= 1.01
     assert "aten::" in (run / "bench_profile.txt").read_text()
     assert not (run / "metrics.jsonl").exists()  # bench does not pose as a training run
 
