@@ -64,6 +64,7 @@ class PhaseTimer:
 
 def bench(cfg: Config) -> int:
     s = setup(cfg, write_run_files=False)
+    cfg = s.cfg  # precision resolved for this device
     info, engine, t = s.info, s.engine, cfg.train
     batches = Prefetcher(s.loader, depth=max(2, cfg.data.prefetch))
     engine.train()

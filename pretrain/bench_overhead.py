@@ -54,6 +54,7 @@ def _median(xs: list[float]) -> float:
 def overhead(cfg: Config, gc_freeze: bool = False) -> dict:
     """Time the three steps interleaved; returns the result object (see module doc)."""
     s = setup(cfg, write_run_files=False)
+    cfg = s.cfg  # precision resolved for this device
     info, engine, t = s.info, s.engine, cfg.train
     if info.world_size != 1:
         raise SystemExit("bench_overhead runs on one process (it compares against single-process steps)")

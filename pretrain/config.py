@@ -247,7 +247,7 @@ class TrainConfig:
     max_steps: int = fld(1000, "Stop after this many optimizer steps.", ge=0)
     max_tokens: int | None = fld(None, "Stop once this many tokens were trained on.", ge=1)
     max_time_s: float | None = fld(None, "Stop (and save) after this wall-clock budget in seconds, counted from the start of the command (set-up and resume included).", gt=0)
-    precision: str = fld("bf16", "Training precision.", choices=("bf16", "fp16", "fp32"))
+    precision: str = fld("bf16", "Training precision. auto: bf16 where the device multiplies bf16 natively (CUDA Ampere+, CPUs with avx512_bf16/AMX), else fp16 on older GPUs and fp32 on other CPUs (their bf16 matmuls run through a reference GEMM ~100x slower than fp32).", choices=("auto", "bf16", "fp16", "fp32"))
     fp8: bool = fld(False, "Float8 matmuls (torchao) for the large Linear layers; CUDA compute capability >= 8.9, ZeRO-1/2.")
     grad_clip: float = fld(1.0, "Clip the global gradient norm to this (0 = off).", ge=0)
     eval_every: int = fld(200, "Validation every this many steps (0 = never).", ge=0)

@@ -57,6 +57,7 @@ from pretrain.engine import (
     loss_scale,
     model_init_context,
     param_counts,
+    resolve_precision,
     schedule_horizon,
 )
 from pretrain.errors import UserError
@@ -103,6 +104,7 @@ def setup(cfg: Config, write_run_files: bool = True, held: contextlib.ExitStack 
 
     A run that writes its run directory first takes the directory's lease (released by ``held``).
     """
+    cfg = resolve_precision(cfg, select_accelerator())  # train.precision=auto -> this device's
     check_device_support(cfg, select_accelerator())
     info = init_distributed(cfg.train.collective_timeout_s)
     run_dir = Path(cfg.run.dir)
@@ -268,6 +270,7 @@ def train(cfg: Config) -> int:
 
 def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextlib.ExitStack) -> int:
     s = setup(cfg, held=held)
+    cfg = s.cfg  # precision resolved for this device
     info, engine, t = s.info, s.engine, cfg.train
     checkpointer = Checkpointer(cfg, engine, info, s.tokenizer_path)
     state = TrainState()

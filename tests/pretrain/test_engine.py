@@ -165,3 +165,23 @@ def test_zero3_init_builds_the_same_model_partitioned(tmp_path):
     for r in rows:
         assert r["partitioned"] and r["differ"] == [], r
         assert r["local"] == r["total"] // 2, r
+
+
+def test_precision_auto_follows_native_bf16(monkeypatch, caplog):
+    """auto -> bf16 only where bf16 matmuls run in hardware; an explicit bf16 on a CPU without it
+    still runs, with a warning (its matmuls would take a reference GEMM, ~100x slower than fp32)."""
+    import pretrain.engine as eng
+    from pretrain.config import load_config
+
+    auto = load_config(None, ["train.precision=auto"])
+    monkeypatch.setattr(eng, "native_bf16", lambda accel: False)
+    assert eng.resolve_precision(auto, "cpu").train.precision == "fp32"
+    assert eng.resolve_precision(auto, "cuda").train.precision == "fp16"
+    bf16 = load_config(None, ["train.precision=bf16"])
+    with caplog.at_level("WARNING"):
+        assert eng.resolve_precision(bf16, "cpu") is bf16
+    assert "reference GEMM" in caplog.text
+    monkeypatch.setattr(eng, "native_bf16", lambda accel: True)
+    assert eng.resolve_precision(auto, "cpu").train.precision == "bf16"
+    assert eng.resolve_precision(auto, "cuda").train.precision == "bf16"
+    assert auto.train.precision == "auto"  # the caller's config is not mutated
