@@ -1,8 +1,9 @@
 """Exact and elastic resume with real DeepSpeed engines: 2 CPU ranks (gloo), ZeRO-2 and ZeRO-3.
 
 Two drivers. The harness (_checkpoint_harness.py) trains a small fp32 model with dropout and
-numpy/python noise in every step and can SIGKILL itself after any step; its loader state is a
-global sample index, so "no sample repeated or skipped" is checked exactly. The real trainer
+numpy/python noise in every step on the token ids of the real streaming loader, whose state the
+real ``reshard_states`` remaps on a world-size change; "every document exactly once" is checked
+from the token ids each rank consumed, against the tokenized corpus. The real trainer
 (`python -m pretrain train`, real loader, scrubbed corpus) is killed inside saves through the
 PRETRAIN_CKPT_FAULT hook. Resumed per-step losses must equal an uninterrupted run's BITWISE.
 """
@@ -13,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ REPO = HERE.parents[1]
 HARNESS = HERE / "_checkpoint_harness.py"
 
 
-def run(nproc: int, ckpt: Path, stage: int, steps: int, kill_at: int = -1, fault: str | None = None,
+def run(config: Path, nproc: int, ckpt: Path, stage: int, steps: int, kill_at: int = -1, fault: str | None = None,
         expect_ok: bool = True) -> dict[tuple[int, int], dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DS_ACCELERATOR")}
     env["OMP_NUM_THREADS"] = "1"
@@ -31,7 +33,7 @@ def run(nproc: int, ckpt: Path, stage: int, steps: int, kill_at: int = -1, fault
     if fault:
         env["PRETRAIN_CKPT_FAULT"] = fault
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(HARNESS), str(ckpt), str(stage), str(steps), "2",
+           "127.0.0.1", "--master_port", str(free_port()), str(HARNESS), str(config), str(ckpt), str(stage), str(steps), "2",
            str(kill_at)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert (p.returncode == 0) == expect_ok, p.stdout[-2000:] + p.stderr[-4000:]
@@ -55,24 +57,110 @@ def assert_same(rows: dict, base: dict) -> None:
         assert r["lr"] == b["lr"] and r["global_steps"] == b["global_steps"], (k, r, b)
 
 
+EOS = "<|endoftext|>"
+
+
+@pytest.fixture(scope="module")
+def toy_corpus(tokenizer_path, tmp_path_factory) -> tuple[Path, dict[tuple[int, ...], str]]:
+    """The harness's config over 240 short distinct documents (jsonl, 4 per chunk, ~17 tokens each:
+    far more than the run consumes, so no epoch wraps) and each document's token ids + separator."""
+    from tokenizers import Tokenizer
+
+    root = tmp_path_factory.mktemp("toy_corpus")
+    words = ["amber", "birch", "cedar", "delta", "ember", "fjord", "grove", "harbor", "island", "juniper"]
+    texts = {f"d{i}": f"Record {i}: the {words[i % 10]} {words[i // 10 % 10]} crossed river {i * 7} at dawn."
+             for i in range(240)}
+    (root / "docs.jsonl").write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in texts.items()))
+    cfg = root / "harness.yaml"
+    cfg.write_text(f"""
+data:
+  sources: [{{name: toy, path: {root / 'docs.jsonl'}}}]
+  tokenizer: {tokenizer_path}
+  require_scrubbed: false
+  seq_len: 16
+  chunk_docs: 4
+  val_fraction: 0.0
+train: {{micro_batch_size: 4, eval_every: 0}}
+""")
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    eos = tok.token_to_id(EOS)
+    docs = {tuple(tok.encode(v, add_special_tokens=False).ids) + (eos,): k for k, v in texts.items()}
+    assert len(docs) == len(texts)
+    return cfg, docs
+
+
+def consumed_documents(phases: list[list[list[int]]], docs: dict[tuple[int, ...], str], eos: int) -> Counter:
+    """How often each document was consumed, from the token streams each rank consumed per phase.
+
+    phases[k][r] is rank r's token stream in phase k: whole documents (each ending with the
+    separator), except that it may end inside a document (the phase stopped) and, after a resume,
+    hold the rest of documents cut by the previous phase (a resharded stream takes over the cut
+    documents of several old streams). Every cut document must be finished exactly once in the next
+    phase: its tokens before and after the cut together form the document.
+    """
+    count: Counter = Counter()
+    cut: list[tuple[int, ...]] = []  # documents the previous phase stopped inside of
+    for k, streams in enumerate(phases):
+        heads, tails = [], []
+        for seq in streams:
+            pieces, cur = [], []
+            for t in seq:
+                cur.append(t)
+                if t == eos:
+                    pieces.append(tuple(cur))
+                    cur = []
+            assert pieces, f"phase {k}: a stream without a document boundary"
+            if cur:
+                tails.append(tuple(cur))
+            for p in pieces:
+                if p in docs:
+                    count[docs[p]] += 1
+                else:  # the rest of a document cut by the previous phase (may lie anywhere in a resharded stream)
+                    assert k, f"phase {k}: consumed {p} which is no document"
+                    heads.append(p)
+        for tail in cut:
+            ends = [h for h in heads if tail + h in docs]
+            assert len(ends) == 1, f"phase {k}: the document cut at the end of phase {k - 1} ({tail}) is " \
+                                   f"finished {len(ends)} times"
+            heads.remove(ends[0])
+            count[docs[tail + ends[0]]] += 1
+        assert not heads, f"phase {k}: consumed the rest of documents no earlier phase started: {heads}"
+        cut = tails
+    return count
+
+
+def token_streams(rows: dict, drop_after: int | None = None) -> list[list[int]]:
+    """Each rank's consumed input ids, in step order (rows' inputs are disjoint consecutive windows)."""
+    ranks = sorted({k[0] for k in rows if k != "log"})
+    return [[t for k in sorted(k for k in rows if k != "log" and k[0] == r and (drop_after is None or k[1] <= drop_after))
+             for row in rows[k]["samples"] for t in row] for r in ranks]
+
+
 @pytest.mark.slow
-def test_harness_elastic_2_to_1_to_2_ranks(tmp_path):
-    """ZeRO-2: 2 ranks -> universal checkpoint -> 1 rank -> 2 ranks; no sample repeated or skipped."""
+def test_harness_elastic_2_to_1_to_2_ranks(toy_corpus, tmp_path):
+    """ZeRO-2: 2 ranks -> universal checkpoint -> 1 rank -> 2 ranks with the real loader and the real
+    reshard_states; every document consumed exactly once, none cut and lost."""
+    config, docs = toy_corpus
     ck = tmp_path / "elastic"
-    a = run(2, ck, 2, 5)  # saves at 2 and 4; its step 5 is the uninterrupted reference
+    a = run(config, 2, ck, 2, 5)  # saves at 2 and 4; its step 5 is the uninterrupted reference
     (ck / "step_00000004" / "COMPLETE.json").stat()
-    b = run(1, ck, 2, 6)
-    c = run(2, ck, 2, 8)
+    b = run(config, 1, ck, 2, 6)
+    c = run(config, 2, ck, 2, 8)
     assert "step_00000004 to a universal checkpoint" in b["log"]  # converted by the framework
     assert (ck / "step_00000006" / "universal" / "COMPLETE.json").is_file()
     assert "2 -> 1 data-parallel ranks" in b["log"] and "1 -> 2 data-parallel ranks" in c["log"]
     assert steps_of(b) == [5, 6] and steps_of(c) == [7, 8]
-    seen = [i for rows in (a, b, c) for k, r in sorted((k, r) for k, r in rows.items() if k != "log")
-            if not (rows is a and k[1] == 5) for i in r["samples"]]
-    assert sorted(seen) == list(range(len(seen)))  # every sample exactly once
-    # Weights, optimizer step count and LR schedule crossed over intact: the 1-rank step 5 sees the
-    # same weights, data and RNG as rank 0 of the 2-rank run, so its loss is bitwise the same.
-    assert b[(0, 5)]["loss"] == a[(0, 5)]["loss"]
+    eos = next(iter(docs))[-1]
+    count = consumed_documents([token_streams(a, drop_after=4), token_streams(b), token_streams(c)], docs, eos)
+    assert count and max(count.values()) == 1, count.most_common(3)  # every document exactly once
+    assert sum(count.values()) >= 30  # (4 * 2 + 2 + 2 * 2) x 64 tokens consumed, ~19 tokens a document
+    # A chunk (4 consecutive documents, read together in a shuffled row order) that a stream began
+    # is read to its end, whichever stream ends it; only the two final streams may stop inside one.
+    per_chunk = Counter(int(d[1:]) // 4 for d in count)
+    assert len([n for n in per_chunk.values() if n != 4]) <= 2, sorted(per_chunk.items())
+    # Weights, optimizer step count and LR schedule crossed over intact: before step 5 the 1-rank
+    # run holds the same weights as the 2-rank run, so its loss on a fixed input is bitwise the same.
+    assert b[(0, 5)]["probe"] == a[(0, 5)]["probe"] == a[(1, 5)]["probe"]
     assert b[(0, 5)]["lr"] == a[(0, 5)]["lr"] and b[(0, 5)]["global_steps"] == 5
 
 
