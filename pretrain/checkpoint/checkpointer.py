@@ -90,6 +90,7 @@ class Checkpointer:
         self.dir = Path(cfg.checkpoint.dir)
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
+        self._last_size = 0  # bytes of the newest checkpoint this run saved or resumed from (rank 0)
 
     # ---- when ---------------------------------------------------------------------------
 
@@ -125,6 +126,7 @@ class Checkpointer:
         if state.step == self._last_saved_step and broadcast_object(is_complete(step_dir) if rank == 0 else None):
             self._last_save_time = time.monotonic()
             return str(step_dir)
+        self._check_free_space(state.step)
         self._make_step_dir(step_dir)
         # 1-3. Every rank writes its engine shards and rank file (rank 0 also the run files).
         self._phase(step_dir, state.step, "writing", lambda: self._write_own_files(step_dir, state, loader_state))
@@ -136,6 +138,27 @@ class Checkpointer:
                     lambda: self._commit(step_dir, state.step, gathered, t0) if rank == 0 else None)
         self._last_saved_step, self._last_save_time = state.step, time.monotonic()
         return str(step_dir)
+
+    def _check_free_space(self, step: int) -> None:
+        """Refuse, on every rank, a save that visibly cannot fit (less free space than the last
+        checkpoint took). DeepSpeed's save_checkpoint ends in a barrier of its own: a rank that runs
+        out of space inside it while the others finish would leave them waiting there."""
+        short = None
+        if self.info.rank == 0 and self._last_size:
+            free = shutil.disk_usage(self.dir).free
+            if free < self._last_size:
+                newest = find_latest_complete(self.dir)
+                short = (free, newest.name if newest else None, self._last_size)
+        short = broadcast_object(short)
+        if short:
+            free, kept, need = short
+            mib = 1 << 20
+            resume = f"it resumes from {self.dir / kept}" if kept else "there is no complete checkpoint, it starts fresh"
+            raise DiskFullError(
+                f"checkpoint save of step {step} not started: no space left on device in {self.dir} (checkpoint.dir): "
+                f"{free / mib:.1f} MiB free, the last checkpoint took {need / mib:.1f} MiB; the newest "
+                f"complete checkpoint is still {kept or 'none'}. Free space there (or lower checkpoint.keep_last), "
+                f"then rerun the same command: {resume}.")
 
     def _write_own_files(self, step_dir: Path, state: TrainState, loader_state: dict) -> None:
         fault_point("before_engine", state.step)
@@ -160,6 +183,7 @@ class Checkpointer:
         fsync_dir(step_dir / ENGINE_TAG)
         fault_point("before_marker", step)
         write_marker(step_dir, files, step=step, world_size=self.info.world_size, created=utc_now())
+        self._last_size = sum(f["size"] for f in files.values())
         fault_point("after_marker", step)
         point_latest(self.dir, step_dir.name)
         fault_point("after_latest", step)
@@ -280,7 +304,8 @@ class Checkpointer:
 
     def _load(self, step_dir: Path) -> tuple[TrainState, dict | None]:
         t0 = time.monotonic()
-        self._verify_distributed(step_dir)
+        marker = self._verify_distributed(step_dir)
+        self._last_size = sum(f["size"] for f in marker["files"].values())
         meta = read_meta(step_dir)
         check_same_model(step_dir, meta["model"], to_dict(self.cfg)["model"])
         per_rank = read_rank_files(step_dir, int(meta["world_size"]))

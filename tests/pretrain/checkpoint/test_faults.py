@@ -132,3 +132,20 @@ def test_a_really_full_filesystem_fails_the_save_as_disk_full(small_tmpfs):
         c.save(TrainState(step=4), {"pos": 4})
     assert [s for s, _ in list_checkpoints(small_tmpfs / "checkpoints")] == [2]
     assert make(small_tmpfs).resume()[1] == {"pos": 2}
+
+
+def test_a_save_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    c = make(tmp_path)
+    c.save(TrainState(step=2), {"pos": 2})
+    size = sum(f.stat().st_size for f in (tmp_path / "checkpoints" / "step_00000002").rglob("*") if f.is_file())
+    Usage = namedtuple("Usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * size, 9 * size, size // 2))
+    for ckpt in (c, make(tmp_path)):  # the size is known after a save and after a resume
+        if ckpt is not c:
+            ckpt.resume()
+        with pytest.raises(DiskFullError, match=r"step 4 not started: no space left on device .* still step_00000002"):
+            ckpt.save(TrainState(step=4), {"pos": 4})
+        assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    c.save(TrainState(step=4), {"pos": 4})
