@@ -114,8 +114,9 @@ class Checkpointer:
 
         A failure on any rank (a full disk above all) fails the save on every rank with the same
         message: each phase ends in a gather of every rank's outcome, so no rank is left waiting in
-        a collective for one that raised. The unfinished step directory is removed, the previous
-        complete checkpoint stays the newest (see :meth:`_fail`).
+        a collective for one that raised. On a full disk the unfinished step directory is removed and
+        the previous complete checkpoint stays the newest (see :meth:`_fail`); a save that visibly
+        cannot fit is refused before anything is written (:meth:`_check_free_space`).
         """
         rank, world = self.info.rank, self.info.world_size
         step_dir = self.dir / step_dir_name(state.step)
