@@ -39,6 +39,7 @@ one ``stage=merge`` (the SLURM recipe in the README).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -70,8 +71,9 @@ from data_pipelines.filters.pii_types import DOCUMENT_SEPARATOR, PLACEHOLDERS
 from data_pipelines.filters.quality import QualityFilter, Words
 from data_pipelines.filters.toxicity import ToxicityFilter
 from data_pipelines.readers import InputUnit, input_info, read_unit, resolve_inputs
-from pretrain.errors import UserError
+from pretrain.errors import DiskFullError, UserError, is_disk_full
 from pretrain.fileio import write_json_atomic
+from pretrain.run_lease import LEASE_NAME, RunLease
 
 log = logging.getLogger(__name__)
 
@@ -384,11 +386,21 @@ def _p3_done(out: Path, unit: InputUnit) -> Path:
     return out / WORK / "p3" / f"{unit.key}.done.json"
 
 
-class _ShardWriter:
-    """Streams rows into a temp file; ``close`` renames it into place."""
+SCRUB_FAULT_ENV = "DATA_PIPELINES_SCRUB_FAULT"  # test hook: "enospc@UNIT_INDEX" fails that unit's shard write
 
-    def __init__(self, path: Path, fmt: str) -> None:
-        self.path, self.fmt = path, fmt
+
+def _shard_write_fault(unit_index: int) -> None:
+    """Raise ENOSPC, as a full output filesystem would, when the test hook names this unit."""
+    spec = os.environ.get(SCRUB_FAULT_ENV, "")
+    if spec == f"enospc@{unit_index}":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (injected by {SCRUB_FAULT_ENV})")
+
+
+class _ShardWriter:
+    """Streams rows into a temp file; ``close`` renames it into place, ``discard`` removes it."""
+
+    def __init__(self, path: Path, fmt: str, unit_index: int = -1) -> None:
+        self.path, self.fmt, self.unit_index = path, fmt, unit_index
         self.tmp = path.with_name("." + path.name + ".tmp")
         self.rows = 0
         self._chars = 0
@@ -435,11 +447,22 @@ class _ShardWriter:
         self._flush()
         if self._writer is None:
             return False
+        _shard_write_fault(self.unit_index)
         self._writer.close()
         if self._fh is not None:
             self._fh.close()
         os.replace(self.tmp, self.path)
         return True
+
+    def discard(self) -> None:
+        """After a failed write (a full disk): free the temp file's space; the unit is redone."""
+        for f in (self._writer, self._fh):
+            try:
+                if f is not None:
+                    f.close()
+            except Exception:  # noqa: BLE001 - closing a broken writer may fail again; the file goes anyway
+                pass
+        self.tmp.unlink(missing_ok=True)
 
 
 def phase3_unit(unit: InputUnit, cfg, out_dir: str, flags: np.ndarray | None) -> dict:
@@ -456,58 +479,62 @@ def phase3_unit(unit: InputUnit, cfg, out_dir: str, flags: np.ndarray | None) ->
     st = _UnitStats(f, s.audit_sample)
     rel = mf.shard_name(s.rank, unit.index, s.output_format)
     tm, clock = st.d["stage_seconds"], time.perf_counter
-    writer = _ShardWriter(out / rel, s.output_format)
+    writer = _ShardWriter(out / rel, s.output_format, unit.index)
     reasons = {1: "dedup.exact", 2: "dedup.near"}
     i = 0
-    with pa.memory_map(str(_p1_paths(out, unit)[0]), "r") as src:
-        reader = pa.ipc.open_file(src)
-        for b in range(reader.num_record_batches):
-            batch = reader.get_batch(b).to_pydict()
-            n = len(batch["id"])
-            batch_flags = [int(x) for x in flags[i : i + n]]
-            tox = iter([])
-            if f.toxicity:  # one classifier call for the batch's non-duplicates
-                t = clock()
-                live = [txt for txt, fl in zip(batch["text"], batch_flags, strict=True) if not (s.dedup.enabled and fl)]
-                tox = iter(f.toxicity.score_many(live))
-                tm["toxicity"] += clock() - t
-            for rid, text, source, meta, mask, flag in zip(batch["id"], batch["text"], batch["source"],
-                                                           batch["meta"], batch["groups"], batch_flags, strict=True):
-                i += 1
-                if s.dedup.enabled:
-                    st.audit.record("dedup", mask, flag != 0)
-                    if flag:
-                        st.drop(reasons[flag], mask, rid, source, text)
-                        continue
-                if f.toxicity:
-                    new_text, reason, r = f.toxicity.apply(text, next(tox))
-                    st.audit.record("toxicity", mask, reason is not None)
-                    if reason:
-                        st.drop(f"toxicity.{reason}", mask, rid, source, text, f"score {r.score:.3f} max {r.max_score:.3f}")
-                        continue
-                    if new_text != text:
-                        st.d["toxicity_masked"] += 1
-                        text = new_text
-                    m = json.loads(meta)
-                    m.setdefault("scrub", {})["toxicity"] = round(r.score, 4)
-                    meta = json.dumps(m, ensure_ascii=False)
-                if s.bias.enabled and chosen_for_swap(rid, s.bias.counterfactual_rate, cfg.run.seed):
-                    text = counterfactual_swap(text)
-                    st.d["counterfactual_swapped"] += 1
-                t = clock()
-                text, counts = f.redact(text)
-                tm["pii"] += clock() - t
-                st.d["pii"].update(counts)
-                st.audit.final(mask, kept=True)
-                st.d["kept"] += 1
-                t = clock()
-                writer.add(rid, text, source, meta)
-                tm["write"] += clock() - t
-    if i != len(flags):
-        raise RuntimeError(f"unit {unit.key}: {i} phase-1 candidates but {len(flags)} dedup flags")
-    st.d["candidates"] = i
-    t = clock()
-    shard = mf.shard_entry(out, rel, writer.rows) if writer.close() else None
+    try:
+        with pa.memory_map(str(_p1_paths(out, unit)[0]), "r") as src:
+            reader = pa.ipc.open_file(src)
+            for b in range(reader.num_record_batches):
+                batch = reader.get_batch(b).to_pydict()
+                n = len(batch["id"])
+                batch_flags = [int(x) for x in flags[i : i + n]]
+                tox = iter([])
+                if f.toxicity:  # one classifier call for the batch's non-duplicates
+                    t = clock()
+                    live = [txt for txt, fl in zip(batch["text"], batch_flags, strict=True) if not (s.dedup.enabled and fl)]
+                    tox = iter(f.toxicity.score_many(live))
+                    tm["toxicity"] += clock() - t
+                for rid, text, source, meta, mask, flag in zip(batch["id"], batch["text"], batch["source"],
+                                                               batch["meta"], batch["groups"], batch_flags, strict=True):
+                    i += 1
+                    if s.dedup.enabled:
+                        st.audit.record("dedup", mask, flag != 0)
+                        if flag:
+                            st.drop(reasons[flag], mask, rid, source, text)
+                            continue
+                    if f.toxicity:
+                        new_text, reason, r = f.toxicity.apply(text, next(tox))
+                        st.audit.record("toxicity", mask, reason is not None)
+                        if reason:
+                            st.drop(f"toxicity.{reason}", mask, rid, source, text, f"score {r.score:.3f} max {r.max_score:.3f}")
+                            continue
+                        if new_text != text:
+                            st.d["toxicity_masked"] += 1
+                            text = new_text
+                        m = json.loads(meta)
+                        m.setdefault("scrub", {})["toxicity"] = round(r.score, 4)
+                        meta = json.dumps(m, ensure_ascii=False)
+                    if s.bias.enabled and chosen_for_swap(rid, s.bias.counterfactual_rate, cfg.run.seed):
+                        text = counterfactual_swap(text)
+                        st.d["counterfactual_swapped"] += 1
+                    t = clock()
+                    text, counts = f.redact(text)
+                    tm["pii"] += clock() - t
+                    st.d["pii"].update(counts)
+                    st.audit.final(mask, kept=True)
+                    st.d["kept"] += 1
+                    t = clock()
+                    writer.add(rid, text, source, meta)
+                    tm["write"] += clock() - t
+        if i != len(flags):
+            raise RuntimeError(f"unit {unit.key}: {i} phase-1 candidates but {len(flags)} dedup flags")
+        st.d["candidates"] = i
+        t = clock()
+        shard = mf.shard_entry(out, rel, writer.rows) if writer.close() else None
+    except BaseException:
+        writer.discard()  # no marker: a rerun redoes this unit from its phase-1 output
+        raise
     tm["write"] += clock() - t
     st.d["seconds"] = time.perf_counter() - t0
     result = {"unit": unit.key, "shard": shard, **st.to_dict()}
@@ -587,8 +614,31 @@ def _wait_for(paths: list[Path], timeout_s: float, what: str, kind: str = "unit(
         time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
 
 
+def lease_name(rank: int, world_size: int) -> str:
+    """One lease per rank when several ranks share scrub.output (array tasks do so legitimately)."""
+    return LEASE_NAME if world_size <= 1 else f".lease-rank-{rank}.json"
+
+
 def run_scrub(cfg) -> int:
-    """Run (or resume) the scrub described by ``cfg.scrub``; returns the exit status."""
+    """Run (or resume) the scrub described by ``cfg.scrub``; returns the exit status.
+
+    Holds the output directory's lease (per rank, see :func:`lease_name`) from before the first
+    write to the end; a full output filesystem becomes one DiskFullError naming scrub.output."""
+    s = cfg.scrub
+    with RunLease.acquire(s.output, cfg.run.lease_heartbeat_s, cfg.run.lease_stale_s, what="scrub.output",
+                          name=lease_name(s.rank, s.world_size)):
+        try:
+            return _run_scrub(cfg)
+        except Exception as e:
+            if not is_disk_full(e, s.output):
+                raise
+            raise DiskFullError(
+                f"scrub.output {s.output}: no space left on device ({type(e).__name__}: {' '.join(str(e).split())[:300]}). "
+                "Free space there, "
+                "then rerun the same command: finished units are kept, unfinished ones are redone.") from e
+
+
+def _run_scrub(cfg) -> int:
     s = cfg.scrub
     t_start = time.perf_counter()
     out = Path(s.output)

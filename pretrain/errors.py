@@ -6,18 +6,54 @@ exit with status 2. Everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 EXIT_USER_ERROR = 2
+EXIT_DISK_FULL = 5  # distinct: a requeue cannot help until someone frees space
 
 F = TypeVar("F", bound=Callable[..., int | None])
 
 
 class UserError(Exception):
     """Bad input (config, path, data): the message names the input and says what is wrong."""
+
+    exit_status = EXIT_USER_ERROR
+
+
+class DiskFullError(UserError):
+    """A write ran out of space: the message names the directory; free space, rerun the same command."""
+
+    exit_status = EXIT_DISK_FULL
+
+
+def is_disk_full(e: BaseException | None, path: str | os.PathLike | None = None) -> bool:
+    """Did ``e`` come from a full disk? ENOSPC / EDQUOT anywhere in the exception chain, or its text.
+
+    torch.save hides the errno behind RuntimeErrors ("basic_ios::clear: iostream error", "unexpected
+    pos ...", "file write failed"), so with ``path`` a failure also counts when the filesystem
+    holding ``path`` is (all but) full right after it: free space below min(16 MiB, 1% of its size).
+    """
+    seen, first = set(), e
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    if first is None or path is None:
+        return False
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return False
+    return usage.free < min(16 << 20, usage.total // 100)
 
 
 class ConfigError(UserError):
@@ -36,7 +72,8 @@ class ConfigError(UserError):
 
 
 def exit_on_user_error(fn: F) -> F:
-    """Decorator for CLI mains: a UserError becomes one message on stderr and exit status 2."""
+    """Decorator for CLI mains: a UserError becomes one message on stderr and its exit status
+    (2; 5 for a full disk)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -47,6 +84,6 @@ def exit_on_user_error(fn: F) -> F:
             if not msg.startswith(("config error", "error")):
                 msg = f"error: {msg}"
             print(msg, file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
+            sys.exit(e.exit_status)
 
     return wrapper  # type: ignore[return-value]

@@ -3,11 +3,13 @@
 Production code calls :func:`fault_point` where a real failure would hurt most; nothing happens
 unless ``PRETRAIN_CKPT_FAULT`` is set (also for subprocesses such as torchrun ranks)::
 
-    PRETRAIN_CKPT_FAULT=POINT[@STEP][:ACTION]
+    PRETRAIN_CKPT_FAULT=POINT[@STEP][%RANK][:ACTION]
 
 ``POINT`` is one of :data:`POINTS`; ``@STEP`` limits it to the save (or training step) of that
-step; ``ACTION`` is ``kill`` (the default: SIGKILL, as a node failure would) or ``enospc`` (raise
-``OSError(ENOSPC)``, as a full disk would). Examples: ``after_shards@4``, ``after_rank_file:enospc``.
+step; ``%RANK`` to the process whose ``RANK`` environment variable (torchrun's global rank; 0 when
+unset) is RANK, so one rank of a job fails while the others go on; ``ACTION`` is ``kill`` (the default: SIGKILL, as a node failure would) or ``enospc`` (raise
+``OSError(ENOSPC)``, as a full disk would). Examples: ``after_shards@4``, ``after_rank_file:enospc``,
+``after_engine@4%1:enospc``.
 """
 
 from __future__ import annotations
@@ -43,20 +45,24 @@ class Fault:
     point: str
     step: int | None = None  # None: at every step
     action: str = "kill"
+    rank: int | None = None  # None: on every rank
 
     def matches(self, point: str, step: int) -> bool:
-        return point == self.point and (self.step is None or self.step == step)
+        return (point == self.point and (self.step is None or self.step == step)
+                and (self.rank is None or self.rank == int(os.environ.get("RANK", "0"))))
 
 
 def parse(spec: str) -> Fault:
-    """``POINT[@STEP][:ACTION]`` -> Fault; UserError naming the variable when malformed."""
+    """``POINT[@STEP][%RANK][:ACTION]`` -> Fault; UserError naming the variable when malformed."""
     where, _, action = spec.partition(":")
+    where, pct, rank = where.partition("%")
     point, _, at = where.partition("@")
     action = action or "kill"
-    if point not in POINTS or action not in ACTIONS or (at and not at.isdigit()):
-        raise UserError(f"{FAULT_ENV}={spec!r}: expected POINT[@STEP][:ACTION] with POINT one of {', '.join(POINTS)} "
-                        f"and ACTION one of {', '.join(ACTIONS)}")
-    return Fault(point, int(at) if at else None, action)
+    if (point not in POINTS or action not in ACTIONS or (at and not at.isdigit())
+            or (pct and not rank.isdigit())):
+        raise UserError(f"{FAULT_ENV}={spec!r}: expected POINT[@STEP][%RANK][:ACTION] with POINT one of "
+                        f"{', '.join(POINTS)} and ACTION one of {', '.join(ACTIONS)}")
+    return Fault(point, int(at) if at else None, action, int(rank) if pct else None)
 
 
 def active() -> Fault | None:

@@ -112,9 +112,9 @@ def read_holder(path: Path) -> Holder | None:
 class RunLease:
     """A held lease on a directory; refreshes its heartbeat from a daemon thread until released."""
 
-    def __init__(self, directory: Path, holder: Holder, heartbeat_s: float):
+    def __init__(self, directory: Path, holder: Holder, heartbeat_s: float, name: str = LEASE_NAME):
         self.directory = directory
-        self.path = directory / LEASE_NAME
+        self.path = directory / name
         self.holder = holder
         self.heartbeat_s = heartbeat_s
         self._stop = threading.Event()
@@ -124,17 +124,18 @@ class RunLease:
 
     @classmethod
     def acquire(cls, directory: str | os.PathLike, heartbeat_s: float, stale_s: float, what: str = "run.dir",
-                start_heartbeat: bool = True) -> RunLease:
+                start_heartbeat: bool = True, name: str = LEASE_NAME) -> RunLease:
         """Take the lease on ``directory`` (created if missing) or raise UserError naming its live holder.
 
-        Nothing else in the directory is touched when the lease is held by someone else.
+        Nothing else in the directory is touched when the lease is held by someone else. ``name``:
+        the lease file, for jobs that legitimately share a directory (one lease each).
         """
         if stale_s <= heartbeat_s:
             raise UserError(f"lease: stale_s={stale_s:g} must be larger than heartbeat_s={heartbeat_s:g} "
                             "(a live job would look stale between two heartbeats)")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        lease = cls(directory, Holder.current(), heartbeat_s)
+        lease = cls(directory, Holder.current(), heartbeat_s, name)
         for _ in range(10):  # only contenders racing on one stale lease ever loop
             if lease._create():
                 break

@@ -21,8 +21,9 @@ skipping or saving. Exit status: 0 on a normal stop or a signal (SIGTERM/SIGUSR1
 step finishes, the run saves and exits 0 so SLURM can requeue it), 3 after
 ``train.max_nonfinite_in_a_row`` consecutive non-finite steps (also when a signal came at the same
 time: a diverged run must not be requeued), 4 when the hang watchdog fired (pretrain/hang.py; nothing
-is saved), 2 when another job holds the run directory's lease (pretrain/run_lease.py), 1 on an
-exception (wandb marks the run failed).
+is saved), 2 when another job holds the run directory's lease (pretrain/run_lease.py), 5 when a
+checkpoint save ran out of disk space (pretrain/checkpoint/checkpointer.py; not worth a blind
+requeue), 1 on an exception (wandb marks the run failed).
 
 Test hook: ``PRETRAIN_INJECT_NAN_STEPS=5,6`` multiplies global rank 0's loss by NaN at those
 (1-based) steps; the NaN reaches every rank through the gradient all-reduce, exactly like a real

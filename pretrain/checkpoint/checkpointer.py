@@ -1,6 +1,6 @@
 """The Checkpointer the trainer drives: when to save (``due``), ``save`` and ``resume``.
 
-Save protocol: every rank writes its engine shards and its rank file, a barrier, the ranks hash
+Save protocol: every rank writes its engine shards and its rank file, a gather, the ranks hash
 the files between them, rank 0 writes ``COMPLETE.json`` (tmp + fsync + rename) and only then moves
 ``latest`` and prunes. Resume protocol: choose the checkpoint (rank 0) -> verify it (all ranks hash
 a share) -> check the model shape -> plan (world size, ZeRO stage, loader streams) -> convert to
@@ -14,7 +14,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from data_pipelines.loaders import reshard_states, source_summaries
 from pretrain.checkpoint.format import (
@@ -24,14 +24,17 @@ from pretrain.checkpoint.format import (
     TOKENIZER_FILE,
     UNIVERSAL_TAG,
     CheckpointError,
+    CheckpointSaveError,
     delete_checkpoint,
     file_problems,
+    find_latest_complete,
     hash_files,
     is_complete,
     list_checkpoints,
     payload_files,
     point_latest,
     prune,
+    read_latest_pointer,
     read_marker,
     read_meta,
     read_rank_files,
@@ -56,13 +59,20 @@ from pretrain.checkpoint.state import TrainState, rng_state, set_rng_state
 from pretrain.checkpoint.weights import convert_to_universal
 from pretrain.config import Config, save_resolved, to_dict
 from pretrain.dist import DistInfo, all_gather_objects, barrier, broadcast_flag, broadcast_object
+from pretrain.errors import DiskFullError, is_disk_full
 from pretrain.faults import fault_point
 from pretrain.fileio import fsync_dir
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one short line (torch's write errors span lines and carry C++ frames)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
 
 
 class Checkpointer:
@@ -80,6 +90,7 @@ class Checkpointer:
         self.dir = Path(cfg.checkpoint.dir)
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
+        self._last_size = 0  # bytes of the newest checkpoint this run saved or resumed from (rank 0)
 
     # ---- when ---------------------------------------------------------------------------
 
@@ -99,7 +110,14 @@ class Checkpointer:
     # ---- save ---------------------------------------------------------------------------
 
     def save(self, state: TrainState, loader_state: dict) -> str:
-        """Write a checkpoint of ``state.step``; returns its directory. Collective and atomic."""
+        """Write a checkpoint of ``state.step``; returns its directory. Collective and atomic.
+
+        A failure on any rank (a full disk above all) fails the save on every rank with the same
+        message: each phase ends in a gather of every rank's outcome, so no rank is left waiting in
+        a collective for one that raised. On a full disk the unfinished step directory is removed and
+        the previous complete checkpoint stays the newest (see :meth:`_fail`); a save that visibly
+        cannot fit is refused before anything is written (:meth:`_check_free_space`).
+        """
         rank, world = self.info.rank, self.info.world_size
         step_dir = self.dir / step_dir_name(state.step)
         t0 = time.monotonic()
@@ -109,42 +127,110 @@ class Checkpointer:
         if state.step == self._last_saved_step and broadcast_object(is_complete(step_dir) if rank == 0 else None):
             self._last_save_time = time.monotonic()
             return str(step_dir)
+        self._check_free_space(state.step)
         self._make_step_dir(step_dir)
-        fault_point("before_engine", state.step)
-
-        # 1. Engine shards (DeepSpeed: model, ZeRO partitions of every rank, LR schedule).
-        self.engine.save_checkpoint(str(step_dir), tag=ENGINE_TAG, client_state={"step": state.step}, save_latest=False)
-        fault_point("after_engine", state.step)
-        # 2. Our per-rank state.
-        write_rank_file(step_dir, rank, world_size=world, train_state=dataclasses.asdict(state), loader=loader_state,
-                        rng=rng_state())
-        fault_point("after_rank_file", state.step)
-        # 3. Run-level files (rank 0).
-        if rank == 0:
-            self._write_run_files(step_dir, state, world)
-        fault_point("after_shards", state.step)
-        barrier()
-
+        # 1-3. Every rank writes its engine shards and rank file (rank 0 also the run files).
+        self._phase(step_dir, state.step, "writing", lambda: self._write_own_files(step_dir, state, loader_state))
         # 4. Hash the payload between the ranks (each also fsyncs what it reads), rank 0 writes
         #    the marker last, then moves `latest`, then prunes.
         names = broadcast_object(payload_files(step_dir) if rank == 0 else None)
-        gathered = all_gather_objects(hash_files(step_dir, names[rank::world]))
-        if rank == 0:
-            files: dict = {}
-            for part in gathered:
-                files.update(part)
-            fsync_dir(step_dir)
-            fsync_dir(step_dir / ENGINE_TAG)
-            fault_point("before_marker", state.step)
-            write_marker(step_dir, files, step=state.step, world_size=world, created=utc_now())
-            fault_point("after_marker", state.step)
-            point_latest(self.dir, step_dir.name)
-            fault_point("after_latest", state.step)
-            prune(self.dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
-            log.info("saved checkpoint %s (%.1fs)", step_dir, time.monotonic() - t0)
-        barrier()
+        gathered = self._phase(step_dir, state.step, "hashing", lambda: hash_files(step_dir, names[rank::world]))
+        self._phase(step_dir, state.step, "marking complete",
+                    lambda: self._commit(step_dir, state.step, gathered, t0) if rank == 0 else None)
         self._last_saved_step, self._last_save_time = state.step, time.monotonic()
         return str(step_dir)
+
+    def _check_free_space(self, step: int) -> None:
+        """Refuse, on every rank, a save that visibly cannot fit (less free space than the last
+        checkpoint took). DeepSpeed's save_checkpoint ends in a barrier of its own: a rank that runs
+        out of space inside it while the others finish would leave them waiting there."""
+        short = None
+        if self.info.rank == 0 and self._last_size:
+            free = shutil.disk_usage(self.dir).free
+            if free < self._last_size:
+                newest = find_latest_complete(self.dir)
+                short = (free, newest.name if newest else None, self._last_size)
+        short = broadcast_object(short)
+        if short:
+            free, kept, need = short
+            mib = 1 << 20
+            resume = f"it resumes from {self.dir / kept}" if kept else "there is no complete checkpoint, it starts fresh"
+            raise DiskFullError(
+                f"checkpoint save of step {step} not started: no space left on device in {self.dir} (checkpoint.dir): "
+                f"{free / mib:.1f} MiB free, the last checkpoint took {need / mib:.1f} MiB; the newest "
+                f"complete checkpoint is still {kept or 'none'}. Free space there (or lower checkpoint.keep_last), "
+                f"then rerun the same command: {resume}.")
+
+    def _write_own_files(self, step_dir: Path, state: TrainState, loader_state: dict) -> None:
+        fault_point("before_engine", state.step)
+        # Engine shards (DeepSpeed: model, ZeRO partitions of every rank, LR schedule).
+        self.engine.save_checkpoint(str(step_dir), tag=ENGINE_TAG, client_state={"step": state.step}, save_latest=False)
+        fault_point("after_engine", state.step)
+        # Our per-rank state.
+        write_rank_file(step_dir, self.info.rank, world_size=self.info.world_size,
+                        train_state=dataclasses.asdict(state), loader=loader_state, rng=rng_state())
+        fault_point("after_rank_file", state.step)
+        # Run-level files (rank 0).
+        if self.info.rank == 0:
+            self._write_run_files(step_dir, state, self.info.world_size)
+        fault_point("after_shards", state.step)
+
+    def _commit(self, step_dir: Path, step: int, gathered: list[dict], t0: float) -> None:
+        """Rank 0: marker (after every file it lists is durable), then `latest`, then prune."""
+        files: dict = {}
+        for part in gathered:
+            files.update(part)
+        fsync_dir(step_dir)
+        fsync_dir(step_dir / ENGINE_TAG)
+        fault_point("before_marker", step)
+        write_marker(step_dir, files, step=step, world_size=self.info.world_size, created=utc_now())
+        self._last_size = sum(f["size"] for f in files.values())
+        fault_point("after_marker", step)
+        point_latest(self.dir, step_dir.name)
+        fault_point("after_latest", step)
+        prune(self.dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+        log.info("saved checkpoint %s (%.1fs)", step_dir, time.monotonic() - t0)
+
+    def _phase(self, step_dir: Path, step: int, phase: str, work: Callable[[], Any]) -> list:
+        """Run this rank's part of a save phase, then learn every rank's outcome (the gather is the
+        phase's barrier). Returns every rank's result, or fails the save on every rank."""
+        try:
+            result, failure, exc = work(), None, None
+        except Exception as e:  # every rank must hear of it, or the others wait in the next collective
+            result, failure, exc = None, (self.info.rank, is_disk_full(e, self.dir), _one_line(e)), e
+        outcomes = all_gather_objects((result, failure))
+        failures = [f for _, f in outcomes if f is not None]
+        if failures:
+            self._fail(step_dir, step, phase, failures, exc)
+        return [r for r, _ in outcomes]
+
+    def _fail(self, step_dir: Path, step: int, phase: str, failures: list[tuple], exc: Exception | None) -> NoReturn:
+        """Every rank raises the same error. On a full disk rank 0 first removes the unfinished step
+        directory (marker first, so it is never mistaken for a checkpoint; it frees the space it took)
+        unless `latest` already names it: then it is complete and stays the newest. Other failures
+        leave it for inspection; resume skips it and the next save or prune deletes it."""
+        disk_full = any(full for _, full, _ in failures)
+        kept = None
+        if self.info.rank == 0:
+            if disk_full and not (read_latest_pointer(self.dir) == step_dir.name and is_complete(step_dir)):
+                delete_checkpoint(step_dir)
+            newest = find_latest_complete(self.dir)
+            kept = newest.name if newest else None
+        kept = broadcast_object(kept)
+        where = "; ".join(f"rank {r}: {text}" for r, _, text in failures)
+        if disk_full:
+            resume = f"it resumes from {self.dir / kept}" if kept else "there is no complete checkpoint, it starts fresh"
+            kept_note = ("the new checkpoint is complete and stays the newest" if kept == step_dir.name
+                         else f"{step_dir} was removed and the newest complete checkpoint is still "
+                              f"{kept or 'none'}")
+            msg = (f"checkpoint save of step {step} failed while {phase}: no space left on device in "
+                   f"{self.dir} (checkpoint.dir) [{where}]; {kept_note}. Free space there (or lower "
+                   f"checkpoint.keep_last), then rerun the same command: {resume}.")
+            raise DiskFullError(msg) from exc
+        if exc is not None:  # this rank's own error, with its traceback
+            raise exc
+        raise CheckpointSaveError(f"checkpoint save of step {step} failed on another rank while {phase} "
+                                  f"[{where}]; the newest complete checkpoint is {kept or 'none'}")
 
     def _make_step_dir(self, step_dir: Path) -> None:
         """Rank 0 (re)creates the step directory; on failure every rank raises, none waits."""
@@ -219,7 +305,8 @@ class Checkpointer:
 
     def _load(self, step_dir: Path) -> tuple[TrainState, dict | None]:
         t0 = time.monotonic()
-        self._verify_distributed(step_dir)
+        marker = self._verify_distributed(step_dir)
+        self._last_size = sum(f["size"] for f in marker["files"].values())
         meta = read_meta(step_dir)
         check_same_model(step_dir, meta["model"], to_dict(self.cfg)["model"])
         per_rank = read_rank_files(step_dir, int(meta["world_size"]))

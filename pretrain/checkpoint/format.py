@@ -63,6 +63,10 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used (missing, incomplete, foreign, tampered, incompatible)."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save failed on another rank for a reason other than a full disk (that rank has the traceback)."""
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 

@@ -10,9 +10,10 @@ import zstandard
 
 import data_pipelines.scrub as scrub_mod
 from data_pipelines.manifest import read_manifest, shard_files
-from data_pipelines.scrub import run_scrub
+from data_pipelines.scrub import SCRUB_FAULT_ENV, lease_name, run_scrub
 from pretrain.config import load_config
-from pretrain.errors import UserError
+from pretrain.errors import EXIT_DISK_FULL, DiskFullError, UserError
+from pretrain.run_lease import LEASE_NAME, RunLease
 
 REPO = Path(__file__).resolve().parents[2]
 NOUNS = ("river valley farmer village town coast trade idea tool crop scholar record harbour bridge market "
@@ -368,3 +369,39 @@ def test_bucketed_dedup_with_one_half_off_equals_in_memory(tmp_path, half):
     assert list(mem) == (["dedup.near"] if "exact" in half else ["dedup.exact"])
     assert read_manifest(tmp_path / "b")["dropped_by_reason"] == mem
     assert kept_docs(tmp_path / "b") == kept_docs(tmp_path / "memory")
+
+
+def test_a_second_scrub_on_a_live_output_exits_2_naming_the_holder(tmp_path):
+    make_corpus(tmp_path)
+    out = tmp_path / "out"
+    cli = [sys.executable, "-m", "data_pipelines", "scrub", str(REPO / "configs/scrub/enwiki.yaml"),
+           f"scrub.inputs=[{tmp_path}/in]", f"scrub.output={out}"]
+    with RunLease.acquire(out, 10, 120, what="scrub.output", start_heartbeat=False):  # a live scrub: this process
+        r = subprocess.run(cli, capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert f"scrub.output {out} is in use by another job (host " in r.stderr and "Traceback" not in r.stderr
+        assert sorted(p.name for p in out.iterdir()) == [LEASE_NAME]  # nothing written
+        # several ranks share one output directory: each rank holds its own lease
+        with RunLease.acquire(out, 10, 120, name=lease_name(0, 2), start_heartbeat=False):
+            assert run_scrub(config(tmp_path, "out", "scrub.world_size=2", "scrub.rank=1",
+                                    "scrub.stage=signatures")) == 0
+            with pytest.raises(UserError, match=rf"scrub.output {out} is in use .*\.lease-rank-0\.json"):
+                run_scrub(config(tmp_path, "out", "scrub.world_size=2", "scrub.rank=0", "scrub.stage=signatures"))
+    assert not (out / lease_name(1, 2)).exists()  # released at the end of the scrub
+
+
+def test_a_full_output_disk_fails_clearly_and_the_rerun_accounts_for_every_document(tmp_path, monkeypatch):
+    make_corpus(tmp_path)
+    out = tmp_path / "out"
+    monkeypatch.setenv(SCRUB_FAULT_ENV, "enospc@1")  # the second unit's shard write hits a full disk
+    with pytest.raises(DiskFullError) as e:
+        run_scrub(config(tmp_path))
+    assert e.value.exit_status == EXIT_DISK_FULL
+    assert f"scrub.output {out}: no space left on device" in str(e.value) and "rerun the same command" in str(e.value)
+    assert not (out / "manifest.json").exists() and not list(out.rglob("*.tmp"))  # the partial shard is gone
+    assert not (out / LEASE_NAME).exists()
+    monkeypatch.delenv(SCRUB_FAULT_ENV)
+    assert run_scrub(config(tmp_path)) == 0  # space freed: the same command
+    m = read_manifest(out, verify="sha256")
+    assert m["documents"] == {"read": 16, "kept": 7, "dropped": 9} and m["dropped_by_reason"] == EXPECTED_DROPS
+    assert "kept (7) + dropped (9) = read (16): **holds**" in (out / "report.md").read_text()

@@ -1,5 +1,5 @@
 """Failures a cluster throws at a run, through the real command (torchrun, 2 ranks, gloo, CPU):
-a second job on a live run directory, a SIGKILLed launcher, a stopped rank."""
+a second job on a live run directory, a SIGKILLed launcher, a stopped rank, a full disk in a save."""
 
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ from _trainer_helpers import (
     write_config,
 )
 
-from pretrain.checkpoint import find_latest_complete
+from pretrain.checkpoint import find_latest_complete, list_checkpoints
+from pretrain.checkpoint.format import read_latest_pointer
+from pretrain.errors import EXIT_DISK_FULL
+from pretrain.faults import FAULT_ENV
 from pretrain.hang import EXIT_HANG, stack_file
 from pretrain.run_lease import LEASE_NAME, pid_alive
 
@@ -164,3 +167,35 @@ def test_a_stopped_rank_makes_the_other_write_its_stacks_and_exit(tiny_data, tmp
 
     p = run_train(cfg, ["train.max_steps=5", "checkpoint.save_on_exit=true"])
     assert "resumed at step 3" in p.stderr and "stopping at step 5" in p.stderr
+
+
+def _losses_by_step(run) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in metrics(run, "train")}  # a resumed run's rows win
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_fails_every_rank_and_the_rerun_resumes_exactly(tiny_data, tmp_path):
+    """ENOSPC on rank 1 before the marker, then on rank 0 at the marker: every rank exits with
+    EXIT_DISK_FULL and one message, step 2 stays the newest; the rerun matches an uninterrupted run."""
+    common = ["train.max_steps=6", "checkpoint.every_steps=2", "checkpoint.save_on_exit=true"]
+    ref = tmp_path / "ref"
+    run_train(write_config(tmp_path / "ref.yaml", tiny_data, ref), common)
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, run)
+    ckpts = run / "checkpoints"
+    for fault in ("after_engine@4%1:enospc", "before_marker@4%0:enospc"):
+        p = run_train(cfg, common, env={FAULT_ENV: fault}, ok=False)  # would hang past TIMEOUT without the fix
+        out = p.stdout + p.stderr
+        assert p.returncode != 0 and len(re.findall(rf"exitcode\s*:\s*{EXIT_DISK_FULL} \(pid", out)) == 2, out[-4000:]
+        failing_rank = fault.split("%")[1][0]
+        msg = ("error: checkpoint save of step 4 failed while writing" if failing_rank == "1"
+               else "error: checkpoint save of step 4 failed while marking complete")
+        assert out.count(msg) == 2, out[-4000:]  # the same one-line message from both ranks
+        assert f"no space left on device in {ckpts} (checkpoint.dir) [rank {failing_rank}: OSError" in out
+        assert f"rerun the same command: it resumes from {ckpts / 'step_00000002'}" in out
+        assert [s for s, _ in list_checkpoints(ckpts)] == [2] and read_latest_pointer(ckpts) == "step_00000002"
+        assert not (run / LEASE_NAME).exists()  # released: the rerun is not blocked
+    p = run_train(cfg, common)  # space freed: the same command
+    assert "resumed at step 2" in p.stderr and "stopping at step 6" in p.stderr
+    assert _losses_by_step(run) == _losses_by_step(ref)
+    assert find_latest_complete(ckpts).name == "step_00000006"
