@@ -50,7 +50,7 @@ import torch.distributed as dist
 from data_pipelines.loaders import Prefetcher, build_train_loader, build_val_loader, load_tokenizer
 from pretrain.checkpoint import Checkpointer, TrainState
 from pretrain.config import Config, save_resolved
-from pretrain.dist import init_distributed, select_accelerator
+from pretrain.dist import broadcast_flag, init_distributed, select_accelerator
 from pretrain.engine import (
     build_engine,
     check_device_support,
@@ -105,8 +105,9 @@ def setup(cfg: Config, write_run_files: bool = True, held: contextlib.ExitStack 
 
     A run that writes its run directory first takes the directory's lease (released by ``held``).
     """
-    cfg = resolve_precision(cfg, select_accelerator())  # train.precision=auto -> this device's
-    check_device_support(cfg, select_accelerator())
+    accelerator = select_accelerator()
+    cfg = resolve_precision(cfg, accelerator)  # train.precision=auto -> this device's
+    check_device_support(cfg, accelerator)
     info = init_distributed(cfg.train.collective_timeout_s)
     run_dir = Path(cfg.run.dir)
     lease = take_lease(cfg, info) if write_run_files else None
@@ -143,13 +144,10 @@ def take_lease(cfg: Config, info) -> RunLease | None:
             lease = RunLease.acquire(cfg.run.dir, cfg.run.lease_heartbeat_s, cfg.run.lease_stale_s, what="run.dir")
         except BaseException as e:  # re-raised below, once the other ranks know
             error = e
-    if info.world_size > 1:
-        ok = torch.tensor([0.0 if error else 1.0], device=info.device)
-        dist.broadcast(ok, src=0)
-        if info.rank and not ok.item():
+    if not broadcast_flag(error is None, info.device, src=0):
+        if info.rank:
             raise UserError(f"run.dir {cfg.run.dir}: global rank 0 could not take the run directory's lease "
                             "(its message says why); this rank writes nothing")
-    if error is not None:
         raise error
     return lease
 
