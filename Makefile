@@ -45,7 +45,7 @@ bench: install
 
 # The framework-overhead proxy on CPU (issue 12): trainer step vs bare model step vs nanoGPT's.
 bench-overhead: install
-	$(PY) -m pretrain.bench_overhead
+	$(PY) -m pretrain.bench.overhead
 
 # The whole one-GPU check (test-gpu, model step vs nanoGPT, 125M/1B/7B trainer benches), one table.
 bench-gpu: install

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.run.log_level, cfg.run.log_all_ranks)
 
     if args.command == "scrub":
-        from data_pipelines.scrub import run_scrub
+        from data_pipelines.scrub.runner import run_scrub
 
         return run_scrub(cfg) or 0
     if args.command == "train-tokenizer":
@@ -65,23 +65,23 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_tokenizer(cfg) or 0
     if args.command == "pretokenize":
-        from data_pipelines.pretokenize import pretokenize
+        from data_pipelines.loading.pretokenize import pretokenize
 
         return pretokenize(cfg) or 0
     if args.command == "eval-pii":
-        from data_pipelines.pii_eval import eval_pii_cli
+        from data_pipelines.evaluation.pii_eval import eval_pii_cli
 
         return eval_pii_cli(args.labelled, cfg) or 0
     if args.command == "bench":
         if args.suite == "dedup":
-            from data_pipelines.bench_dedup import bench_dedup
+            from data_pipelines.bench.dedup import bench_dedup
 
             return bench_dedup([int(x) for x in args.docs.split(",")])
         if args.suite == "loader":
-            from data_pipelines.bench_loader import bench_loader
+            from data_pipelines.bench.loader import bench_loader
 
             return bench_loader(cfg) or 0
-        from data_pipelines.bench_scrub import bench_scrub
+        from data_pipelines.bench.scrub import bench_scrub
 
         return bench_scrub(cfg, pii_only=args.suite == "pii") or 0
     raise AssertionError(args.command)

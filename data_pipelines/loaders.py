@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from data_pipelines.loader_common import every_rank
-from data_pipelines.manifest import source_summary
-from data_pipelines.prefetch import Prefetcher
-from data_pipelines.pretokenized import PretokenizedLoader, reshard_pretokenized
-from data_pipelines.stream import (
+from data_pipelines.loading.common import every_rank
+from data_pipelines.loading.prefetch import Prefetcher
+from data_pipelines.loading.pretokenized import PretokenizedLoader, reshard_pretokenized
+from data_pipelines.loading.stream import (
     TrainLoader,
     build_stream_loader,
     build_val_loader,
     reshard_stream_states,
 )
+from data_pipelines.scrub.manifest import source_summary
 from data_pipelines.tokenizer import load_tokenizer
 
 __all__ = ["Prefetcher", "build_train_loader", "build_val_loader", "load_tokenizer", "reshard_states", "source_summaries"]

@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_pipelines.filters.pii_types import DOCUMENT_SEPARATOR, PLACEHOLDERS
-from data_pipelines.sources import Source
+from data_pipelines.loading.sources import Source
+from data_pipelines.scrub.filters.pii_types import DOCUMENT_SEPARATOR, PLACEHOLDERS
 from pretrain.errors import UserError
 from pretrain.fileio import write_text_atomic
 

@@ -24,7 +24,7 @@ run() {  # run NAME CMD...: keep the full log, return the last JSON line
 run scrub   "$PY" -m data_pipelines bench scrub
 run loader  "$PY" -m data_pipelines bench loader --config configs/bench/cpu_small.yaml
 run trainer "$PY" -m pretrain bench configs/bench/cpu_small.yaml
-run overhead "$PY" -m pretrain.bench_overhead configs/bench/cpu_overhead.yaml
+run overhead "$PY" -m pretrain.bench.overhead configs/bench/cpu_overhead.yaml
 
 "$PY" - "$OUT" <<'PYEOF'
 import json, platform, sys, os

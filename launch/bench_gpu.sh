@@ -57,7 +57,7 @@ part() {  # part NAME SECONDS CMD...: run under timeout, keep the log, the last 
 }
 
 part test_gpu "$T_TEST" "$PY" -m pytest -m gpu tests/pretrain/test_gpu.py "${TESTS[@]}"
-part model_vs_nanogpt "$T_MODEL" "$PY" -m pretrain.bench_model "${MODEL[@]}"
+part model_vs_nanogpt "$T_MODEL" "$PY" -m pretrain.bench.model "${MODEL[@]}"
 part trainer_125m "$T_125M" "$PY" -m pretrain bench configs/bench/gpu_125m.yaml "${DATA[@]}" "${TINY[@]}"
 part trainer_1b "$T_1B" "$PY" -m pretrain bench configs/bench/gpu_1b.yaml "${DATA[@]}" "${TINY[@]}"
 part trainer_7b "$T_7B" "$PY" -m pretrain bench configs/bench/gpu_7b.yaml "${DATA[@]}" "${TINY[@]}"

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.trainer import train
 
             return train(cfg) or 0
-        from pretrain.bench import bench
+        from pretrain.bench.trainer import bench
 
         return bench(cfg) or 0
 

@@ -206,7 +206,7 @@ class PIIConfig:
         ["email", "phone", "ip", "credit_card", "ssn", "iban", "secret", "url_credentials"],
         "PII types to redact (any of: secret, url_credentials, email, iban, credit_card, ssn, ip, phone).",
     )
-    replacement: str = fld("placeholder", "placeholder: one special token per type (data_pipelines/filters/pii_types.py); pseudonym: a keyed HMAC-SHA256 tag per value (type + 8 hex digits), the same value giving the same tag corpus-wide.", choices=("placeholder", "pseudonym"))
+    replacement: str = fld("placeholder", "placeholder: one special token per type (data_pipelines/scrub/filters/pii_types.py); pseudonym: a keyed HMAC-SHA256 tag per value (type + 8 hex digits), the same value giving the same tag corpus-wide.", choices=("placeholder", "pseudonym"))
     secret_env: str = fld("PII_HMAC_SECRET", "Environment variable holding the pseudonym key (never written anywhere).")
     redact_private_ips: bool = fld(False, "Also redact private IP ranges (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7). Loopback, unspecified, link-local, multicast and documentation addresses are always kept; all other addresses, reserved or unassigned space included, are always redacted.")
     phone_regions: list[str] = fld(["US", "GB", "DE", "FR", "IN"], "Regions tried for national-format phone numbers without a cue word (numbers with + or 00 are checked for every country).")

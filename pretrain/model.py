@@ -129,7 +129,7 @@ class LMHead(nn.Linear):
         return project_or_loss(h, self.weight, labels, self.cfg)
 
 
-# model.loss_chunk_size=null: on an H200 (125M, 16 x 1024 tokens, `python -m pretrain.bench_model`)
+# model.loss_chunk_size=null: on an H200 (125M, 16 x 1024 tokens, `python -m pretrain.bench.model`)
 # 4096-token chunks made the model step 1.41x faster than 512 (fewer, larger GEMMs and fewer fp32
 # weight-gradient accumulations); on the CPU bench shape 512 is 1.06x faster than 2048.
 LOSS_CHUNK_CUDA = 4096

@@ -7,11 +7,17 @@ paths. Nothing here downloads anything.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Test helper modules (``_name.py``) shared by test files in subfolders: importable by name.
+for helpers in ("pretrain", "pretrain/checkpoint", "data_pipelines/loading"):
+    if str(REPO / "tests" / helpers) not in sys.path:
+        sys.path.insert(0, str(REPO / "tests" / helpers))
 
 # Tests never talk to wandb's servers and never wait on tokenizer thread pools after fork.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -22,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def scrubbed_corpus(tmp_path_factory) -> Path:
     """A scrub output directory (shards + manifest.json + report) of the embedded Wikipedia sample."""
-    from data_pipelines.scrub import run_scrub
+    from data_pipelines.scrub.runner import run_scrub
     from pretrain.config import load_config
 
     out = tmp_path_factory.mktemp("scrubbed")

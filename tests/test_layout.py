@@ -4,6 +4,16 @@
     data_pipelines.*                                 import data_pipelines.* and the basics
     pretrain.*                                       import pretrain.* and data_pipelines.loaders
 
+Inside data_pipelines, one stage a subpackage, and each stage imports only what it needs:
+
+    scrub        (raw corpus -> shards)      scrub.* only
+    tokenizer    (BPE on scrubbed text)      loading.sources, scrub.filters.pii_types
+    loading      (the training loaders)      loading.*, tokenizer, scrub.manifest, scrub.readers,
+                                             scrub.filters.pii_types
+    loaders      (the facade pretrain uses)  loading.*, tokenizer, scrub.manifest
+    evaluation   (PII sets and scoring)      evaluation.*, scrub.filters.*
+    bench, __main__                          anything in data_pipelines
+
 Also: no import cycle between modules (imports inside functions count: a cycle hidden in a
 function is still a cycle), no private name imported from another module, and an import of a
 project module inside a function only in a ``__main__`` (commands load lazily so a config error is
@@ -22,6 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pretrain", "data_pipelines")
 BASICS = {"pretrain.errors", "pretrain.fileio", "pretrain.config", "pretrain.logging_setup", "pretrain.run_lease"}
 LOADER_ENTRY = "data_pipelines.loaders"
+# Within data_pipelines: stage -> module prefixes it may import (its own stage always allowed).
+STAGES = {
+    "data_pipelines.scrub": (),
+    "data_pipelines.tokenizer": ("data_pipelines.loading.sources", "data_pipelines.scrub.filters.pii_types"),
+    "data_pipelines.loading": ("data_pipelines.tokenizer", "data_pipelines.scrub.manifest",
+                               "data_pipelines.scrub.readers", "data_pipelines.scrub.filters.pii_types"),
+    "data_pipelines.loaders": ("data_pipelines.loading", "data_pipelines.tokenizer", "data_pipelines.scrub.manifest"),
+    "data_pipelines.evaluation": ("data_pipelines.scrub.filters",),
+    "data_pipelines.bench": ("data_pipelines",),
+    "data_pipelines.__main__": ("data_pipelines",),
+}
 
 
 @dataclass(frozen=True)
@@ -92,11 +113,26 @@ def _all_imports() -> list[Import]:
     return [imp for name, path in modules.items() for imp in _imports(name, path, modules)]
 
 
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _stage(name: str) -> str:
+    return ".".join(name.split(".")[:2])
+
+
 def _allowed(importer: str, target: str) -> bool:
     if importer in BASICS:
         return target in BASICS
     if importer.startswith("data_pipelines"):
-        return target.startswith("data_pipelines") or target in BASICS
+        if target in BASICS:
+            return True
+        if not target.startswith("data_pipelines"):
+            return False
+        stage = _stage(importer)
+        if stage not in STAGES:  # a new stage must say what it may import
+            return False
+        return _within(target, stage) or any(_within(target, p) for p in STAGES[stage])
     if target.startswith("data_pipelines"):
         return target == LOADER_ENTRY
     return True
@@ -148,12 +184,22 @@ def test_function_level_project_imports_say_why():
 
 @pytest.mark.parametrize("importer,target,ok", [
     ("pretrain.config", "pretrain.errors", True),
-    ("pretrain.config", "data_pipelines.filters.pii_types", False),
+    ("pretrain.config", "data_pipelines.scrub.filters.pii_types", False),
     ("pretrain.fileio", "pretrain.model", False),
-    ("data_pipelines.scrub", "pretrain.fileio", True),
-    ("data_pipelines.stream", "pretrain.model", False),
+    ("data_pipelines.scrub.runner", "pretrain.fileio", True),
+    ("data_pipelines.loading.stream", "pretrain.model", False),
     ("pretrain.trainer", "data_pipelines.loaders", True),
-    ("pretrain.trainer", "data_pipelines.stream", False),
+    ("pretrain.trainer", "data_pipelines.loading.stream", False),
+    ("data_pipelines.scrub.runner", "data_pipelines.loading.sources", False),
+    ("data_pipelines.scrub.runner", "data_pipelines.scrub.filters.pii", True),
+    ("data_pipelines.loading.stream", "data_pipelines.scrub.manifest", True),
+    ("data_pipelines.loading.stream", "data_pipelines.scrub.filters.pii", False),
+    ("data_pipelines.loading.stream", "data_pipelines.evaluation.pii_eval", False),
+    ("data_pipelines.evaluation.pii_eval", "data_pipelines.scrub.filters.pii", True),
+    ("data_pipelines.evaluation.pii_eval", "data_pipelines.loading.stream", False),
+    ("data_pipelines.loaders", "data_pipelines.loading.stream", True),
+    ("data_pipelines.bench.scrub", "data_pipelines.scrub.runner", True),
+    ("data_pipelines.newstage.x", "data_pipelines.scrub.runner", False),
 ])
 def test_direction_rule_itself(importer, target, ok):
     assert _allowed(importer, target) is ok

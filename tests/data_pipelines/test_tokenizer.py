@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipelines.filters.pii_types import DOCUMENT_SEPARATOR, PLACEHOLDERS
-from data_pipelines.manifest import shard_entry, shard_name, write_manifest
+from data_pipelines.scrub.filters.pii_types import DOCUMENT_SEPARATOR, PLACEHOLDERS
+from data_pipelines.scrub.manifest import shard_entry, shard_name, write_manifest
 from data_pipelines.tokenizer import load_tokenizer, separator_id, train_tokenizer
 from pretrain.config import load_config
 from pretrain.errors import UserError
@@ -124,7 +124,7 @@ def test_cli_train_tokenizer(scrubbed, tmp_path):
 
 def test_max_docs_samples_evenly_across_the_corpus_and_skips_unpicked_chunks(scrubbed):
     """Not the first N documents: every part of the corpus is represented, exactly N in all."""
-    from data_pipelines.sources import Source
+    from data_pipelines.loading.sources import Source
     from data_pipelines.tokenizer import _documents
 
     source = Source("t", str(scrubbed), 1.0, "text", "tokenizer.input", True, chunk_docs=8)

@@ -24,7 +24,7 @@ TIMEOUT = 300
 
 def make_tiny_data(root: Path) -> dict:
     """A jsonl of the embedded Wikipedia sample and a 1024-token BPE trained on it (a few seconds)."""
-    from data_pipelines.readers import read_enwiki
+    from data_pipelines.scrub.readers import read_enwiki
     from data_pipelines.tokenizer import train_tokenizer
     from pretrain.config import load_config
 

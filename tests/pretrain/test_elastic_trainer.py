@@ -95,8 +95,8 @@ def tiny_corpus(scrubbed_corpus, tokenizer_path, tmp_path_factory) -> dict:
     """A scrub output directory of N_DOCS exact-length excerpts of the scrubbed sample."""
     import pyarrow.parquet as pq
 
-    from data_pipelines.manifest import shard_files
-    from data_pipelines.scrub import run_scrub
+    from data_pipelines.scrub.manifest import shard_files
+    from data_pipelines.scrub.runner import run_scrub
     from data_pipelines.tokenizer import load_tokenizer, separator_id
     from pretrain.config import load_config
 

@@ -107,7 +107,7 @@ def test_dataloader_workers_die_with_the_trainer(tmp_path):
     script = f"""
 import itertools, os, time
 from torch.utils.data import IterableDataset
-from data_pipelines.stream import worker_iter
+from data_pipelines.loading.stream import worker_iter
 class Forever(IterableDataset):
     def __iter__(self):
         for i in itertools.count():

@@ -1,0 +1,7 @@
+"""The scrub stage: raw corpus -> scrubbed shards + manifest.json + report.
+
+``readers`` turns every input into a stream of records, ``runner`` drives the filters
+(``filters/``: normalize, language, quality, dedup, toxicity + bias audit, PII) over them in
+phases, and writes the shards, ``manifest`` (the contract with everything downstream) and
+``report``. Importing this package loads nothing heavy; the command imports ``runner``.
+"""
