@@ -1,4 +1,4 @@
-"""`python -m pretrain {train,bench,export,generate,config-reference}`.
+"""`python -m pretrain {train,bench,audit,export,generate,config-reference}`.
 
 Config-taking commands parse and validate the config before importing torch or deepspeed, so a
 typo costs a second, not a cluster start-up.
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _config_command(sub, "train", "train a model (same under python, torchrun, deepspeed and SLURM)")
     _config_command(sub, "bench", "time the real training step; last line printed is one JSON object")
+    _config_command(sub, "audit", "memorization audit of the run's checkpoint: exposure and extraction of the "
+                                  "canaries planted by the scrub (RUN_DIR/audit/)")
 
     p = sub.add_parser("export", help="consolidate a checkpoint into Hugging Face Llama format")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or step directory")
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(reference_markdown(), end="")
         return 0
 
-    if args.command in ("train", "bench"):
+    if args.command in ("train", "bench", "audit"):
         if started_by_launcher():  # a worker of torchrun / deepspeed / srun dies with its launcher
             arm_parent_death(parent)
         from pretrain.config import load_config, to_yaml
@@ -76,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.trainer import train
 
             return train(cfg) or 0
+        if args.command == "audit":
+            from pretrain.audit import run_audit
+
+            return run_audit(cfg)
         from pretrain.bench.trainer import bench
 
         return bench(cfg) or 0

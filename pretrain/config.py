@@ -214,6 +214,24 @@ class PIIConfig:
     engine: str = fld("auto", "Candidate scan: hyperscan (one pass, x86), re (per-type compiled regex), auto = hyperscan when installed.", choices=("auto", "hyperscan", "re"))
 
 
+# The PII-shaped canary kinds (data_pipelines/scrub/canaries.py defines their sentences and
+# spaces); the schema owns the names so validation needs no import from data_pipelines.
+CANARY_PII_KINDS: tuple[str, ...] = ("email", "phone", "credit_card", "ssn", "api_key")
+
+
+@dataclass
+class CanaryConfig:
+    enabled: bool = fld(False, "Plant canaries (random secrets at known repetition counts) in the raw corpus for the memorization audit (`pretrain audit`). Each copy goes into a different host document; the registry of secrets is written beside scrub.output, never inside it.")
+    seed: int = fld(0, "Seed of the canaries' secrets, names and host documents.", ge=0)
+    levels: list[int] = fld([1, 4, 16, 64], "Repetition levels: at each level every canary is planted this many times (in as many different documents).")
+    secrets_per_level: int = fld(2, "Control canaries per level (8 random digits the scrub is not meant to remove: they show the audit can see memorization).", ge=0)
+    pii_per_level: int = fld(5, "PII-shaped canaries per level (secrets in realistic sentences that the scrub should redact), their kinds taken in turn from scrub.canaries.pii_kinds.", ge=0)
+    pii_kinds: list[str] = fld(list(CANARY_PII_KINDS), "Kinds of the PII-shaped canaries (any of: " + ", ".join(CANARY_PII_KINDS) + ").")
+    host_pool: int = fld(10000, "Hosts are chosen among the first this many documents of the corpus (the planning pass reads only those).", ge=1)
+    min_host_words: int = fld(300, "A host document has at least this many words after the quality filter and is kept by the per-document filters as it is, so the planted sentences cannot tip a filter's decision.", ge=0)
+    registry: str = fld("", "Registry file (secrets, prefixes, levels, hosts, what the scrub did to each copy); empty = <scrub.output>.canaries.json, beside the output. Must lie outside scrub.output.")
+
+
 @dataclass
 class ScrubConfig:
     inputs: list[str] = fld(["builtin:enwiki-sample"], "Input files/globs, directories, `hf:NAME[:CONFIG]` hub datasets, or builtin:enwiki-sample.")
@@ -237,6 +255,7 @@ class ScrubConfig:
     toxicity: ToxicityConfig = fld(ToxicityConfig(), "Toxicity filter.")
     bias: BiasConfig = fld(BiasConfig(), "Bias audit.")
     pii: PIIConfig = fld(PIIConfig(), "PII redaction.")
+    canaries: CanaryConfig = fld(CanaryConfig(), "Canaries planted for the memorization audit.")
 
 
 @dataclass
@@ -319,6 +338,15 @@ class BenchConfig:
 
 
 @dataclass
+class AuditConfig:
+    checkpoint: str = fld("", "Checkpoint to audit: a run, checkpoint or step directory (empty = the newest complete checkpoint in checkpoint.dir).")
+    references: int = fld(4096, "Random secrets of each canary's format scored as references; the rank exposure resolves up to log2 of this many bits.", ge=16)
+    seed: int = fld(0, "Seed of the reference secrets (fixed, so a recomputation scores the same candidates).", ge=0)
+    batch_size: int = fld(256, "Candidates scored per forward pass.", ge=1)
+    device: str = fld("auto", "auto: CUDA when available, else CPU.", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
 class Config:
     run: RunConfig = fld(RunConfig(), "Run identity and output directory.")
     model: ModelConfig = fld(ModelConfig(), "The Transformer.")
@@ -331,6 +359,7 @@ class Config:
     checkpoint: CheckpointConfig = fld(CheckpointConfig(), "Checkpoints and resume.")
     wandb: WandbConfig = fld(WandbConfig(), "Weights & Biases monitoring.")
     bench: BenchConfig = fld(BenchConfig(), "`pretrain bench`.")
+    audit: AuditConfig = fld(AuditConfig(), "`pretrain audit`: canary memorization audit of a checkpoint.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,6 +373,11 @@ def data_parallel_size() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 1
+
+
+def _inside(path: str, directory: str) -> bool:
+    p, d = Path(path).resolve(), Path(directory).resolve()
+    return p == d or d in p.parents
 
 
 def cross_field_problems(cfg: Config, world_size: int | None = None) -> list[str]:
@@ -409,6 +443,23 @@ def cross_field_problems(cfg: Config, world_size: int | None = None) -> list[str
     names = [s.name for s in d.sources]
     for name in sorted({n for n in names if names.count(n) > 1}):
         p.append(f"data.sources: the name '{name}' is used by sources {[i for i, n in enumerate(names) if n == name]}; names must be unique (loader state and pretokenized shards are keyed by name)")
+    # Canary rules.
+    can = cfg.scrub.canaries
+    if can.enabled:
+        if not can.levels or any(n < 1 for n in can.levels) or len(set(can.levels)) != len(can.levels):
+            p.append(f"scrub.canaries.levels must be distinct positive repetition counts; got {list(can.levels)}")
+        elif max(can.levels) > can.host_pool:
+            p.append(f"scrub.canaries.levels: {max(can.levels)} copies need as many host documents, more than scrub.canaries.host_pool ({can.host_pool})")
+        unknown_kinds = [k for k in can.pii_kinds if k not in CANARY_PII_KINDS]
+        if unknown_kinds:
+            p.append(f"scrub.canaries.pii_kinds: unknown kind(s) {unknown_kinds}; expected any of {', '.join(CANARY_PII_KINDS)}")
+        if can.pii_per_level and not can.pii_kinds:
+            p.append("scrub.canaries.pii_per_level > 0 needs at least one kind in scrub.canaries.pii_kinds")
+        if can.secrets_per_level == 0 and can.pii_per_level == 0:
+            p.append("scrub.canaries: secrets_per_level and pii_per_level are both 0, so no canary would be planted")
+        if can.registry and _inside(can.registry, cfg.scrub.output):
+            p.append(f"scrub.canaries.registry ({can.registry}) must lie outside scrub.output ({cfg.scrub.output}): "
+                     "the registry holds the secrets, and what lies in the scrub output may reach training")
     # PII rules.
     unknown_pii = [x for x in cfg.scrub.pii.types if x not in PII_TYPES]
     if unknown_pii:

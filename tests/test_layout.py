@@ -2,7 +2,10 @@
 
     basics (errors, fileio, config, logging_setup, run_lease)  import nothing else of the project
     data_pipelines.*                                 import data_pipelines.* and the basics
-    pretrain.*                                       import pretrain.* and data_pipelines.loaders
+    pretrain.*                                       import pretrain.* and data_pipelines.loaders, and
+                                                     data_pipelines.scrub.canaries (the memorization
+                                                     audit reads the canary registry and draws its
+                                                     reference secrets from the same spaces)
 
 Inside data_pipelines, one stage a subpackage, and each stage imports only what it needs:
 
@@ -32,6 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pretrain", "data_pipelines")
 BASICS = {"pretrain.errors", "pretrain.fileio", "pretrain.config", "pretrain.logging_setup", "pretrain.run_lease"}
 LOADER_ENTRY = "data_pipelines.loaders"
+# What pretrain may import from data_pipelines, and why: the training loader (and tokenizer) entry,
+# and the canary registry reader, which the audit needs to know what was planted (one light module).
+PRETRAIN_MAY_IMPORT = (LOADER_ENTRY, "data_pipelines.scrub.canaries")
 # Within data_pipelines: stage -> module prefixes it may import (its own stage always allowed).
 STAGES = {
     "data_pipelines.scrub": (),
@@ -134,7 +140,7 @@ def _allowed(importer: str, target: str) -> bool:
             return False
         return _within(target, stage) or any(_within(target, p) for p in STAGES[stage])
     if target.startswith("data_pipelines"):
-        return target == LOADER_ENTRY
+        return target in PRETRAIN_MAY_IMPORT
     return True
 
 
@@ -190,6 +196,9 @@ def test_function_level_project_imports_say_why():
     ("data_pipelines.loading.stream", "pretrain.model", False),
     ("pretrain.trainer", "data_pipelines.loaders", True),
     ("pretrain.trainer", "data_pipelines.loading.stream", False),
+    ("pretrain.audit", "data_pipelines.scrub.canaries", True),
+    ("pretrain.audit", "data_pipelines.scrub.planting", False),
+    ("pretrain.audit", "data_pipelines.scrub.runner", False),
     ("data_pipelines.scrub.runner", "data_pipelines.loading.sources", False),
     ("data_pipelines.scrub.runner", "data_pipelines.scrub.filters.pii", True),
     ("data_pipelines.loading.stream", "data_pipelines.scrub.manifest", True),

@@ -12,7 +12,7 @@ FILTER_ORDER = ("malformed", "language", "quality", "dedup", "toxicity")
 
 
 def build_report(cfg, manifest: dict, totals: dict, p1: list[dict], p3: list[dict], wall_s: float,
-                 audit_rel: str | None) -> dict:
+                 audit_rel: str | None, canaries: dict | None = None) -> dict:
     s = cfg.scrub
     docs = manifest["documents"]
     nbytes = totals.get("bytes", 0)
@@ -50,6 +50,7 @@ def build_report(cfg, manifest: dict, totals: dict, p1: list[dict], p3: list[dic
             "note": "worker_s sums every unit's phase-1 and phase-3 time (also from earlier resumed runs); wall_s is this invocation only",
         },
         "shards": len(manifest["shards"]),
+        "canaries": canaries,
         "audit_sample": audit_rel,
         "config_hash": manifest["config_hash"],
         "filters": manifest["filters"],
@@ -110,6 +111,8 @@ def to_markdown(r: dict) -> str:
         lines.append(f"\nCounterfactual gender swap applied to {r['counterfactual_swapped']} kept documents.")
     if r["toxicity_masked_docs"]:
         lines.append(f"\nToxic spans masked in {r['toxicity_masked_docs']} kept documents.")
+    if r.get("canaries"):
+        lines += canary_markdown(r["canaries"])
     t = r["throughput"]
     lines += ["", "## Throughput", "",
               f"{t['input_bytes'] / 1e6:.2f} MB of input; {_fmt(t['mb_per_s_per_worker'], 2)} MB/s per worker "
@@ -121,6 +124,30 @@ def to_markdown(r: dict) -> str:
               + (f"Audit sample of dropped documents (PII redacted): `{r['audit_sample']}`." if r["audit_sample"] else ""),
               ""]
     return "\n".join(lines)
+
+
+def _outcome(name: str) -> str:
+    """'dropped.quality.c4_too_few_sentences' -> 'dropped (quality.c4_too_few_sentences)'."""
+    head, _, rest = name.partition(".")
+    return f"{head} ({rest})" if rest else head
+
+
+def canary_markdown(c: dict) -> list[str]:
+    """The report's canary section: where every planted copy ended up, per family."""
+    fams = c["families"]
+    outcomes = sorted({k for f in fams.values() for k in f["copies"] if k != "planted"},
+                      key=lambda k: (k != "kept", k))
+    lines = ["", "## Canaries (memorization audit)", "",
+             "Copies of planted secrets, each in a different host document, and what the scrub did to each: "
+             "kept verbatim in the shards, redacted (PII), altered by another filter, or dropped with its host "
+             "(the filter named). Control canaries should all be kept; PII-shaped ones all redacted. "
+             f"Registry (secrets and hosts, outside this directory): `{c['registry']}`.", "",
+             "| family | canaries | present after scrub | copies planted | " + " | ".join(_outcome(k) for k in outcomes) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(outcomes)]
+    for name, f in fams.items():
+        cells = " | ".join(str(f["copies"].get(k, 0)) for k in outcomes)
+        lines.append(f"| {name} | {f['canaries']} | {f['present_after_scrub']} | {f['copies']['planted']} | {cells} |")
+    return lines
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -136,4 +163,7 @@ def summary_text(r: dict) -> str:
     return (f"scrub: read {d['read']}, kept {d['kept']}, dropped {d['dropped']} "
             f"(kept + dropped = read: {'yes' if r['accounting']['holds'] else 'NO'})\n"
             f"  dropped: {reasons}\n  PII redacted: {pii}\n  bias flags: {flagged}\n"
-            f"  throughput: {_fmt(r['throughput']['mb_per_s_per_worker'], 2)} MB/s per worker")
+            f"  throughput: {_fmt(r['throughput']['mb_per_s_per_worker'], 2)} MB/s per worker"
+            + ("".join(f"\n  canaries {name}: {f['copies']['planted']} copies planted, "
+                       + ", ".join(f"{_outcome(k)} {n}" for k, n in f["copies"].items() if k != "planted")
+                       for name, f in r["canaries"]["families"].items()) if r.get("canaries") else ""))

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.scrub import manifest as mf
+from data_pipelines.scrub import planting
 from data_pipelines.scrub import report as rp
 from data_pipelines.scrub.filters import bias, dedup, language, normalize, pii, quality, toxicity
 from data_pipelines.scrub.filters import dedup_buckets as db
@@ -70,6 +71,7 @@ from data_pipelines.scrub.filters.pii import PIIRedactor
 from data_pipelines.scrub.filters.pii_types import DOCUMENT_SEPARATOR, PLACEHOLDERS
 from data_pipelines.scrub.filters.quality import QualityFilter, Words
 from data_pipelines.scrub.filters.toxicity import ToxicityFilter
+from data_pipelines.scrub.planting import CopyTracker, UnitCanaries
 from data_pipelines.scrub.readers import InputUnit, input_info, read_unit, resolve_inputs
 from pretrain.errors import DiskFullError, UserError, is_disk_full
 from pretrain.fileio import write_json_atomic
@@ -144,8 +146,9 @@ def filters_for(cfg) -> _Filters:
 class _UnitStats:
     """Counts of one unit in one phase; JSON-serialisable through ``to_dict``."""
 
-    def __init__(self, f: _Filters, audit_cap: int) -> None:
+    def __init__(self, f: _Filters, audit_cap: int, canaries: CopyTracker | None = None) -> None:
         self.f = f
+        self.canaries = canaries or CopyTracker()  # planted canary copies: the outcome of each
         self.d: dict = {"read": 0, "bytes": 0, "kept": 0, "candidates": 0, "dropped": Counter(),
                         "pii": Counter(), "languages": Counter(), "counterfactual_swapped": 0,
                         "toxicity_masked": 0, "seconds": 0.0, "stage_seconds": Counter()}
@@ -156,6 +159,7 @@ class _UnitStats:
 
     def drop(self, reason: str, mask: int | None, rec_id: str, source: str, text: str | None, detail: str = "") -> None:
         self.d["dropped"][reason] += 1
+        self.canaries.dropped(reason)
         if mask is not None:
             self.audit.final(mask, kept=False)
         if self.per_reason[reason] < self.cap:
@@ -167,6 +171,9 @@ class _UnitStats:
         out = {k: (dict(v) if isinstance(v, Counter) else v) for k, v in self.d.items()}
         out["bias"] = self.audit.data
         out["audit"] = self.samples
+        out["canaries"] = self.canaries.to_dict()
+        if self.canaries.survivors:
+            out["canary_hosts"] = self.canaries.survivors
         return out
 
 
@@ -192,7 +199,7 @@ def _candidate_schema():
     return _CANDIDATE_SCHEMA
 
 
-def phase1_unit(unit: InputUnit, cfg, out_dir: str) -> dict:
+def phase1_unit(unit: InputUnit, cfg, out_dir: str, canaries: UnitCanaries | None = None) -> dict:
     import pyarrow as pa  # heavy optional library: only the processes that run phase 1 load it
 
     t0 = time.perf_counter()
@@ -201,7 +208,7 @@ def phase1_unit(unit: InputUnit, cfg, out_dir: str) -> dict:
     arrow_path, sig_path, done_path = _p1_paths(out, unit)
     arrow_path.parent.mkdir(parents=True, exist_ok=True)
     f = filters_for(cfg)
-    st = _UnitStats(f, s.audit_sample)
+    st = _UnitStats(f, s.audit_sample, CopyTracker(canaries))
     info = input_info(unit)
     rows: dict[str, list] = {k: [] for k in ("id", "text", "source", "meta", "groups")}
     exact: list[int] = []
@@ -225,11 +232,13 @@ def phase1_unit(unit: InputUnit, cfg, out_dir: str) -> dict:
             tm["read"] += clock() - t
             if rec is None:
                 break
+            ordinal = st.d["read"]
             st.d["read"] += 1
             st.d["bytes"] += rec.nbytes
             if rec.error:
                 st.drop(f"malformed.{rec.error}", None, rec.id, rec.source, None)
                 continue
+            rec.text = st.canaries.plant(ordinal, rec.text)  # canary copies go in before any filter
             t = clock()
             n = normalize_text(rec.text) if s.normalize.enabled else repair_utf8(rec.text)
             tm["normalize"] += clock() - t
@@ -237,6 +246,7 @@ def phase1_unit(unit: InputUnit, cfg, out_dir: str) -> dict:
                 st.drop("malformed.undecodable", None, rec.id, rec.source, None, f"{n.invalid_bytes} bad bytes")
                 continue
             text = n.text
+            st.canaries.check(text, "altered.normalize")
             if not text.strip():
                 st.drop("malformed.empty_text", None, rec.id, rec.source, None)
                 continue
@@ -263,6 +273,7 @@ def phase1_unit(unit: InputUnit, cfg, out_dir: str) -> dict:
                 if reason:
                     st.drop(f"quality.{reason}", mask, rec.id, rec.source, text)
                     continue
+                st.canaries.check(text, "altered.quality")
             t = clock()  # one exact key per candidate always: it also counts them for phase 2
             exact.append(exact_key(text) if s.dedup.enabled and s.dedup.exact else len(exact))
             if f.minhash:
@@ -276,6 +287,7 @@ def phase1_unit(unit: InputUnit, cfg, out_dir: str) -> dict:
             rows["source"].append(rec.source)
             rows["meta"].append(repair_utf8(json.dumps(meta, ensure_ascii=False, default=str)).text)
             rows["groups"].append(mask)
+            st.canaries.survive(st.d["candidates"])
             st.d["candidates"] += 1
             buffered += len(text)
             if len(rows["id"]) >= _BATCH_DOCS or buffered >= _BATCH_CHARS:
@@ -465,7 +477,8 @@ class _ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def phase3_unit(unit: InputUnit, cfg, out_dir: str, flags: np.ndarray | None) -> dict:
+def phase3_unit(unit: InputUnit, cfg, out_dir: str, flags: np.ndarray | None,
+                canaries: UnitCanaries | None = None) -> dict:
     """flags None: read this unit's dedup flags from the bucketed step outputs."""
     import pyarrow as pa  # heavy optional library, as in phase 1
 
@@ -476,7 +489,8 @@ def phase3_unit(unit: InputUnit, cfg, out_dir: str, flags: np.ndarray | None) ->
         n = _read_json(_p1_paths(out, unit)[2])["candidates"]
         flags = db.unit_flags(_layout(out), unit.index, n, s.dedup.buckets)
     f = filters_for(cfg)
-    st = _UnitStats(f, s.audit_sample)
+    hosts = _read_json(_p1_paths(out, unit)[2]).get("canary_hosts") if canaries else None
+    st = _UnitStats(f, s.audit_sample, CopyTracker(canaries, hosts))
     rel = mf.shard_name(s.rank, unit.index, s.output_format)
     tm, clock = st.d["stage_seconds"], time.perf_counter
     writer = _ShardWriter(out / rel, s.output_format, unit.index)
@@ -497,6 +511,7 @@ def phase3_unit(unit: InputUnit, cfg, out_dir: str, flags: np.ndarray | None) ->
                     tm["toxicity"] += clock() - t
                 for rid, text, source, meta, mask, flag in zip(batch["id"], batch["text"], batch["source"],
                                                                batch["meta"], batch["groups"], batch_flags, strict=True):
+                    st.canaries.enter(i)
                     i += 1
                     if s.dedup.enabled:
                         st.audit.record("dedup", mask, flag != 0)
@@ -512,18 +527,22 @@ def phase3_unit(unit: InputUnit, cfg, out_dir: str, flags: np.ndarray | None) ->
                         if new_text != text:
                             st.d["toxicity_masked"] += 1
                             text = new_text
+                            st.canaries.check(text, "altered.toxicity")
                         m = json.loads(meta)
                         m.setdefault("scrub", {})["toxicity"] = round(r.score, 4)
                         meta = json.dumps(m, ensure_ascii=False)
                     if s.bias.enabled and chosen_for_swap(rid, s.bias.counterfactual_rate, cfg.run.seed):
                         text = counterfactual_swap(text)
                         st.d["counterfactual_swapped"] += 1
+                        st.canaries.check(text, "altered.counterfactual")
                     t = clock()
                     text, counts = f.redact(text)
                     tm["pii"] += clock() - t
                     st.d["pii"].update(counts)
+                    st.canaries.check(text, "redacted.pii")
                     st.audit.final(mask, kept=True)
                     st.d["kept"] += 1
+                    st.canaries.keep()
                     t = clock()
                     writer.add(rid, text, source, meta)
                     tm["write"] += clock() - t
@@ -647,6 +666,7 @@ def _run_scrub(cfg) -> int:
         raise UserError("scrub.inputs is empty")
     out.mkdir(parents=True, exist_ok=True)
     chash = _check_run_identity(cfg, out, units)
+    plan = planting.prepare(cfg, units, chash) if s.stage not in ("buckets", "pairs") else None
     mine = [u for u in units if u.index % s.world_size == s.rank]
     log.info("scrub: %d input unit(s), %d for rank %d/%d, %d worker(s) -> %s",
              len(units), len(mine), s.rank, s.world_size, s.workers, out)
@@ -658,7 +678,7 @@ def _run_scrub(cfg) -> int:
                 _check_input_unchanged(out, u)
         if len(todo) < len(mine):
             log.info("phase 1: %d unit(s) already done, skipped", len(mine) - len(todo))
-        _run_pool(phase1_unit, [(u, cfg, str(out)) for u in todo], s.workers)
+        _run_pool(phase1_unit, [(u, cfg, str(out), _unit_canaries(plan, u)) for u in todo], s.workers)
         if s.stage == "signatures":
             return 0
 
@@ -691,28 +711,35 @@ def _run_scrub(cfg) -> int:
             if _bucketed(s):
                 _wait_for([lay.pairs_out(b)[1] for b in range(nb)], timeout, "dedup step 'pairs'", "bucket(s)")
                 join_step(cfg, out)
-                jobs = [(u, cfg, str(out), None) for u in todo]
+                jobs = [(u, cfg, str(out), None, _unit_canaries(plan, u)) for u in todo]
             else:
                 flags = decide_duplicates(cfg, out, units)
-                jobs = [(u, cfg, str(out), flags[u.key]) for u in todo]
+                jobs = [(u, cfg, str(out), flags[u.key], _unit_canaries(plan, u)) for u in todo]
             _run_pool(phase3_unit, jobs, s.workers)
         if s.stage == "write" or s.rank != 0:
             return 0
 
     _wait_for([_p3_done(out, u) for u in units], s.wait_timeout_s if s.stage == "all" else 0.0, "phase 3 (write)")
-    merge(cfg, out, units, chash, time.perf_counter() - t_start)
+    merge(cfg, out, units, chash, time.perf_counter() - t_start, plan)
     return 0
 
 
-def merge(cfg, out: Path, units: list[InputUnit], chash: str, wall_s: float) -> dict:
-    """Sum every unit's statistics; write manifest.json, report.json, report.md and the audit."""
+def _unit_canaries(plan: planting.Plan | None, unit: InputUnit) -> UnitCanaries | None:
+    return plan.for_unit(unit.key) if plan is not None else None
+
+
+def merge(cfg, out: Path, units: list[InputUnit], chash: str, wall_s: float,
+          plan: planting.Plan | None = None) -> dict:
+    """Sum every unit's statistics; write manifest.json, report.json, report.md and the audit
+    (and with canaries, their outcomes into the registry beside the output)."""
     s = cfg.scrub
     p1 = [_read_json(_p1_paths(out, u)[2]) for u in units]
     p3 = [_read_json(_p3_done(out, u)) for u in units]
     totals: dict = {}
     audit: list[dict] = []
     for st in p1 + p3:
-        add_counts(totals, {k: v for k, v in st.items() if k not in ("audit", "input", "shard", "unit", "candidates")})
+        add_counts(totals, {k: v for k, v in st.items()
+                            if k not in ("audit", "input", "shard", "unit", "candidates", "canary_hosts")})
         audit += st["audit"]
     read = sum(st["read"] for st in p1)
     kept = sum(st["kept"] for st in p3)
@@ -756,7 +783,8 @@ def merge(cfg, out: Path, units: list[InputUnit], chash: str, wall_s: float) -> 
                     fh.write(json.dumps(a, ensure_ascii=False) + "\n")
         os.replace(tmp, audit_dir / "dropped.jsonl")
         audit_rel = "audit/dropped.jsonl"
-    report = rp.build_report(cfg, manifest, totals, p1, p3, wall_s, audit_rel)
+    canaries = planting.finish(cfg, plan, totals.get("canaries", {})) if plan is not None else None
+    report = rp.build_report(cfg, manifest, totals, p1, p3, wall_s, audit_rel, canaries)
     rp.write_report(out, report)
     mf.write_manifest(out, manifest)
     # The bulky intermediates are no longer needed; markers stay so a rerun only re-merges.
