@@ -2,9 +2,10 @@
 
 1. **plan** (before phase 1, the same on every scrub rank): read the first ``host_pool``
    documents and keep as possible hosts those the per-document filters (normalize, language,
-   quality) keep *as they are* and that have at least ``min_host_words`` words: a copy planted in a
-   document dropped for its own reasons would measure nothing, and in a long document a few
-   planted sentences cannot tip a word-ratio rule. Each canary's copies go to that many
+   quality) keep *as they are*, that have at least ``min_host_words`` words and no exact
+   duplicate among them: a copy planted in a document dropped for its own reasons would measure
+   nothing, in a long document a few planted sentences cannot tip a word-ratio rule, and a copy in
+   one of two identical pages would make them differ and keep both. Each canary's copies go to that many
    *different* hosts (least loaded first, ties in seeded random order), each appended to a line the
    C4 line rules keep. Dedup then keeps them, as it keeps a secret repeated across real pages.
 2. **plant** (phase 1, right after a record is read, before any filter): the copy's sentence is
@@ -26,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from data_pipelines.scrub import canaries as cn
+from data_pipelines.scrub.filters.dedup import exact_key
 from data_pipelines.scrub.filters.language import LanguageFilter
 from data_pipelines.scrub.filters.normalize import normalize_text
 from data_pipelines.scrub.filters.quality import QualityFilter, Words
@@ -47,14 +49,14 @@ class UnitCanaries:
 @dataclass
 class Plan:
     registry: cn.Registry
+    saved: bool = False  # already in the registry file
 
     def for_unit(self, key: str) -> UnitCanaries:
-        by_id = {c.id: c for c in self.registry.canaries}
-        out = UnitCanaries(by_id=by_id)
-        for cid, hosts in self.registry.hosts.items():
-            for h in hosts:
+        out = UnitCanaries(by_id={c.id: c for c in self.registry.canaries})
+        for c in self.registry.canaries:  # in canary order: two copies on one line land in the same order everywhere
+            for h in self.registry.hosts.get(c.id, []):
                 if h["unit"] == key:
-                    out.placements.setdefault(h["record"], []).append((h["line"], by_id[cid]))
+                    out.placements.setdefault(h["record"], []).append((h["line"], c))
         return out
 
 
@@ -75,23 +77,25 @@ class _HostCheck:
     def _norm(self, text: str) -> str:
         return normalize_text(text).text if self.s.normalize.enabled else text
 
-    def lines(self, raw: str) -> list[int]:
-        """Indices of the raw lines a copy may be appended to; empty when it cannot host."""
+    def lines(self, raw: str) -> tuple[list[int], int]:
+        """(indices of the raw lines a copy may be appended to, empty when it cannot host; the
+        document's exact-dedup key as phase 1 computes it)."""
         s = self.s
         if s.normalize.enabled and normalize_text(raw).invalid_ratio(len(raw)) > s.normalize.max_invalid_utf8_ratio:
-            return []
+            return [], 0
         text = self._norm(raw)
         if not text.strip() or (self.language and not self.language.keep(text)[0]):
-            return []
+            return [], 0
         cleaned = text
         if self.quality:
             cleaned, reason, _ = self.quality.apply(text)
             if reason:
-                return []
+                return [], 0
         if len(Words.of(cleaned).ids) < s.canaries.min_host_words:
-            return []
+            return [], 0
         kept = {line.strip() for line in cleaned.split("\n")}
-        return [i for i, line in enumerate(raw.split("\n")) if line.strip() and self._norm(line).strip() in kept]
+        lines = [i for i, line in enumerate(raw.split("\n")) if line.strip() and self._norm(line).strip() in kept]
+        return lines, exact_key(cleaned)
 
 
 def make_plan(cfg, units: list[InputUnit], config_hash: str) -> cn.Registry:
@@ -101,6 +105,7 @@ def make_plan(cfg, units: list[InputUnit], config_hash: str) -> cn.Registry:
     canaries = _canaries(cfg)
     check = _HostCheck(s)
     pool: list[tuple[str, int, str, list[int]]] = []  # (unit key, record ordinal, record id, lines)
+    keys: list[int] = []
     seen = 0
     for unit in units:
         for ordinal, rec in enumerate(read_unit(unit, s)):
@@ -108,17 +113,21 @@ def make_plan(cfg, units: list[InputUnit], config_hash: str) -> cn.Registry:
                 break
             seen += 1
             if rec.error is None and rec.text:
-                lines = check.lines(rec.text)
+                lines, key = check.lines(rec.text)
                 if lines:
                     pool.append((unit.key, ordinal, rec.id, lines))
+                    keys.append(key)
         if seen >= s.canaries.host_pool:
             break
+    counts = Counter(keys)
+    pool = [p for p, k in zip(pool, keys, strict=True) if counts[k] == 1]
     need = max(c.repetitions for c in canaries)
     if len(pool) < need:
         raise UserError(
             f"scrub.canaries.levels: the largest level plants {need} copies, each in a different document, but only "
             f"{len(pool)} of the first {seen} documents can host one (kept by the per-document filters, at least "
-            f"scrub.canaries.min_host_words={s.canaries.min_host_words} words); lower the levels or min_host_words")
+            f"scrub.canaries.min_host_words={s.canaries.min_host_words} words, no exact duplicate); lower the "
+            "levels or min_host_words")
     rng = random.Random(f"hosts:{s.canaries.seed}")
     load = [0] * len(pool)
     hosts: dict[str, list[dict]] = {}
@@ -129,25 +138,31 @@ def make_plan(cfg, units: list[InputUnit], config_hash: str) -> cn.Registry:
             key, ordinal, rid, lines = pool[i]
             load[i] += 1
             hosts.setdefault(c.id, []).append({"unit": key, "record": ordinal, "id": rid, "line": rng.choice(lines)})
+    hosts = {c.id: hosts[c.id] for c in canaries}
     log.info("canaries: %d canaries, %d copies in %d of %d possible hosts (first %d documents)",
              len(canaries), sum(c.repetitions for c in canaries), sum(1 for n in load if n), len(pool), seen)
     return cn.Registry(config_hash, canaries, hosts)
 
 
 def prepare(cfg, units: list[InputUnit], config_hash: str) -> Plan | None:
-    """The plan of this scrub: read from the registry when it holds this config's plan (a resumed
-    or multi-rank scrub), else made and written there. None when canaries are off."""
+    """The plan of this scrub: the registry's when it holds this config's plan (a resumed or
+    multi-rank scrub), else a new one (written by :func:`save`). None when canaries are off."""
     if not cfg.scrub.canaries.enabled:
         return None
     path = cn.registry_path(cfg.scrub)
     if path.is_file():
         reg = cn.read_registry(path)
         if reg.config_hash == config_hash and [c.id for c in reg.canaries] == [c.id for c in _canaries(cfg)]:
-            return Plan(reg)
-    reg = make_plan(cfg, units, config_hash)
-    cn.write_registry(path, reg)
-    log.info("canary registry (the answer key; outside the scrub output): %s", path)
-    return Plan(reg)
+            return Plan(reg, saved=True)
+    return Plan(make_plan(cfg, units, config_hash))
+
+
+def save(cfg, plan: Plan) -> None:
+    """Write a new plan to the registry beside the output (before any copy is planted)."""
+    if not plan.saved:
+        path = cn.write_registry(cn.registry_path(cfg.scrub), plan.registry)
+        plan.saved = True
+        log.info("canary registry (the answer key; outside the scrub output): %s", path)
 
 
 def plant(text: str, placements: list[tuple[int, cn.Canary]]) -> str:

@@ -665,8 +665,12 @@ def _run_scrub(cfg) -> int:
     if not units:
         raise UserError("scrub.inputs is empty")
     out.mkdir(parents=True, exist_ok=True)
+    # Canary hosts are chosen before the run identity is written: a plan the corpus cannot hold
+    # (levels too high) fails without leaving this output tied to those settings.
+    plan = planting.prepare(cfg, units, scrub_config_hash(cfg)) if s.stage not in ("buckets", "pairs") else None
     chash = _check_run_identity(cfg, out, units)
-    plan = planting.prepare(cfg, units, chash) if s.stage not in ("buckets", "pairs") else None
+    if plan is not None:
+        planting.save(cfg, plan)
     mine = [u for u in units if u.index % s.world_size == s.rank]
     log.info("scrub: %d input unit(s), %d for rank %d/%d, %d worker(s) -> %s",
              len(units), len(mine), s.rank, s.world_size, s.workers, out)

@@ -23,7 +23,7 @@ def any_config() -> Path:
 
 def test_help_lists_subcommands():
     out = run("-m", "pretrain", "--help").stdout
-    for cmd in ("train", "bench", "export", "generate"):
+    for cmd in ("train", "bench", "audit", "export", "generate"):
         assert cmd in out
     out = run("-m", "data_pipelines", "--help").stdout
     for cmd in ("scrub", "train-tokenizer", "pretokenize", "eval-pii", "bench"):
@@ -58,6 +58,15 @@ def test_missing_config_file_exits_2(tmp_path):
     assert p.returncode == 2 and "missing.yaml" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_audit_without_a_complete_checkpoint_exits_2_naming_it(tmp_path):
+    p = run("-m", "pretrain", "audit", str(REPO / "configs" / "demo.yaml"), f"run.dir={tmp_path / 'run'}")
+    assert "run/checkpoints" in one_line_error(p) and "does not exist" in p.stderr
+    (tmp_path / "run" / "checkpoints" / "step_00000001").mkdir(parents=True)
+    p = run("-m", "pretrain", "audit", str(REPO / "configs" / "demo.yaml"), f"run.dir={tmp_path / 'run'}",
+            f"audit.checkpoint={tmp_path / 'run'}", f"scrub.output={tmp_path / 'scrubbed'}")
+    assert "none is complete" in one_line_error(p)
+
+
 def test_print_config_prints_resolved_yaml_and_exits(any_config):
     p = run("-m", "pretrain", "train", str(any_config), "run.name=printed", "--print-config")
     assert p.returncode == 0, p.stderr
@@ -81,7 +90,8 @@ def test_overrides_may_follow_options(any_config):
     assert p.returncode == 2 and "data.seq_lenn" in p.stderr and "data.seq_len" in p.stderr
 
 
-@pytest.mark.parametrize("cmd", [("pretrain", "train"), ("pretrain", "bench"), ("data_pipelines", "scrub")])
+@pytest.mark.parametrize("cmd", [("pretrain", "train"), ("pretrain", "bench"), ("pretrain", "audit"),
+                                 ("data_pipelines", "scrub")])
 def test_usage_without_config_names_only_the_config(cmd):
     """Overrides are optional: the usage error must not call them required."""
     p = run("-m", *cmd)

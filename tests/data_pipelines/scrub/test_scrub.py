@@ -121,20 +121,20 @@ def test_resume_after_crash_redoes_only_unfinished_units(tmp_path, monkeypatch):
     calls = []
     real_p1 = scrub_mod.phase1_unit
 
-    def crashing(unit, cfg, out_dir):
+    def crashing(unit, cfg, out_dir, *rest):
         calls.append(unit.index)
         if unit.index == 1:
             # a killed worker leaves a half-written temp file and no marker
             Path(out_dir, "_work", "p1", unit.key + ".arrow.tmp").write_bytes(b"\x00garbage")
             raise KeyboardInterrupt
-        return real_p1(unit, cfg, out_dir)
+        return real_p1(unit, cfg, out_dir, *rest)
 
     monkeypatch.setattr(scrub_mod, "phase1_unit", crashing)
     with pytest.raises(KeyboardInterrupt):
         run_scrub(config(tmp_path, "out"))
     assert not (tmp_path / "out" / "manifest.json").exists()
     calls.clear()
-    monkeypatch.setattr(scrub_mod, "phase1_unit", lambda u, c, o: (calls.append(u.index), real_p1(u, c, o))[1])
+    monkeypatch.setattr(scrub_mod, "phase1_unit", lambda u, c, o, *r: (calls.append(u.index), real_p1(u, c, o, *r))[1])
     assert run_scrub(config(tmp_path, "out")) == 0
     assert calls == [1]  # unit 0 finished before the crash and was skipped
     assert kept_docs(tmp_path / "out") == kept_docs(tmp_path / "clean")
