@@ -16,7 +16,8 @@
    ``kept`` (verbatim in the shards). Per canary, the outcomes add up to the copies planted.
 
 The plan and, at the end, the outcomes are written to the registry beside the output
-(:mod:`data_pipelines.scrub.canaries`); secrets never go into the output directory's own files.
+(:mod:`data_pipelines.scrub.canaries`). The output directory holds the planted text (that is the
+point) but never the answer key: its markers name canaries by id only.
 """
 
 from __future__ import annotations
