@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 
 from data_pipelines.scrub.canaries import Canary, Registry, read_registry, references, registry_path
 from pretrain.checkpoint import (
@@ -218,7 +219,10 @@ def run_audit(cfg: Config) -> int:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per family and repetition level: canaries, median exposures, how many were extracted."""
+    """Per family and repetition level: canaries, median exposures, how many were extracted; and
+    whether exposure rises with repetitions: medians strictly increasing level to level, and the
+    Spearman rank correlation of exposure with repetitions over the family's canaries (levels
+    whose canaries all sit at chance differ only by noise, which the correlation weighs)."""
     out: dict = {}
     for fam in sorted({r["family"] for r in rows}):
         levels = {}
@@ -230,9 +234,12 @@ def summarize(rows: list[dict]) -> dict:
                               "extracted": sum(r["extracted"] for r in rs),
                               "present_after_scrub": sum(r["present_after_scrub"] for r in rs)}
         medians = [v["median_rank_bits"] for v in levels.values()]
-        out[fam] = {"levels": levels, "median_rank_bits": round(statistics.median(r["exposure_bits"]["rank"] for r in rows if r["family"] == fam), 3),
-                    "extracted": sum(r["extracted"] for r in rows if r["family"] == fam),
-                    "rises_with_repetitions": all(a < b for a, b in zip(medians, medians[1:], strict=False))}
+        fam_rows = [r for r in rows if r["family"] == fam]
+        rho = spearmanr([r["repetitions"] for r in fam_rows], [r["exposure_bits"]["rank"] for r in fam_rows])[0]
+        out[fam] = {"levels": levels, "median_rank_bits": round(statistics.median(r["exposure_bits"]["rank"] for r in fam_rows), 3),
+                    "extracted": sum(r["extracted"] for r in fam_rows),
+                    "medians_rise_with_repetitions": all(a < b for a, b in zip(medians, medians[1:], strict=False)),
+                    "spearman_repetitions_exposure": None if math.isnan(rho) else round(float(rho), 3)}
     return out
 
 
@@ -261,6 +268,12 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {fam} | {level} | {v['canaries']} | {v['median_rank_bits']:.2f} | "
                          f"{v['median_extrapolated_bits']:.2f} | {v['extracted']} |")
     lines.append("")
+    for fam, s in result["summary"].items():
+        rho = s["spearman_repetitions_exposure"]
+        lines.append(f"{fam}: median exposure {s['median_rank_bits']:.2f} bits, {s['extracted']} extracted; "
+                     f"medians rise level to level: {'yes' if s['medians_rise_with_repetitions'] else 'no'}; "
+                     f"rank correlation of exposure with copies: {'n/a' if rho is None else f'{rho:+.2f}'}.")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -284,6 +297,8 @@ def plot_exposure(result: dict, path: Path) -> Path:
                    marker=marker, label=f"{fam}: extrapolated")
         levels = result["summary"][fam]["levels"]
         ax.plot([int(k) for k in levels], [v["median_rank_bits"] for v in levels.values()], color=color, lw=1, alpha=0.6)
+    ax.axhline(math.log2(math.e), color="grey", ls=":", lw=0.8)  # a canary at chance: about log2 e on average
+    ax.text(1, math.log2(math.e), " chance (about 1.4)", va="bottom", fontsize=8, color="grey")
     ax.axhline(math.log2(result["reference_count"]), color="grey", ls="--", lw=0.8)
     ax.text(1, math.log2(result["reference_count"]), " rank resolution: log2 references", va="bottom", fontsize=8, color="grey")
     ax.set_xscale("log", base=2)

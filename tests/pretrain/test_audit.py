@@ -27,6 +27,7 @@ from pretrain.model import Transformer
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
+STEPS = 120  # enough for the tiny model to memorize one 8-digit secret among others of its form
 FIELDS = {"id", "family", "kind", "repetitions", "prefix", "secret", "present_after_scrub", "exposure_bits",
           "extracted", "reference_count", "space_bits"}
 
@@ -74,6 +75,7 @@ def test_batched_scores_equal_whole_sequence_forwards(tok):
         assert got == pytest.approx(want, abs=1e-3), c.kind
 
 
+@pytest.mark.slow
 def test_a_memorized_canary_has_top_exposure_and_is_extracted_an_untrained_model_sits_at_chance(tok):
     canaries = make_canaries(5, [1], 12, 0, [])
     untrained = tiny_model(tok, seed=1)
@@ -91,7 +93,7 @@ def test_a_memorized_canary_has_top_exposure_and_is_extracted_an_untrained_model
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     pool = [o.prefix + r + "." for o in others for r in references(o, 8, 3)]
-    for _ in range(250):
+    for _ in range(STEPS):
         picks = torch.randint(len(pool), (7,), generator=gen).tolist()
         batch = [tok.encode(target.sentence).ids] + [tok.encode(pool[i]).ids for i in picks]
         T = max(len(b) for b in batch)
