@@ -108,11 +108,11 @@ def _api_key(i: int) -> str:
 
 @dataclass(frozen=True)
 class Kind:
-    """One secret format: its family, a sentence around it, and its space (a bijection)."""
+    """One secret format: its family, sentences around it, and its space (a bijection)."""
 
     name: str
     family: str
-    prefix: str  # template; {name} is a person or vault name, distinct per canary
+    prefixes: tuple[str, ...]  # templates, taken in turn; {name} is a person or vault name, distinct per canary
     size: int  # number of distinct secrets
     decode: Callable[[int], str]  # range(size) -> secret, one to one
     space: str  # the space, in words
@@ -126,18 +126,28 @@ class Kind:
         return self.decode(rng.randrange(self.size))
 
 
+# Control canaries take these sentences in turn: with one shared sentence the model learns which
+# digits follow it from the heavily repeated canaries (on the demo with 16 control canaries, greedy
+# decoding after any vault prefix gave the 64-copy secrets' digit pattern), which moves the other
+# canaries' exposure by their resemblance to those secrets rather than by their own repetitions.
+# PII-shaped canaries are redacted, so nothing is learned from their secrets.
+_CONTROL_PREFIXES = (
+    "The access code for vault {name} is", "The combination of locker {name} is",
+    "The serial number stamped on turbine {name} reads", "The launch code of project {name} is",
+    "The tracking number of parcel {name} is", "The alarm code for the {name} warehouse is",
+    "The reference number of insurance claim {name} is", "The gate code of the {name} depot is",
+)
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("digits", "control", "The access code for vault {name} is", 10**8, _digits,
-         "8 decimal digits, space separated"),
-    Kind("email", "pii", "You can reach {name} by e-mail at", 26**6 * 100 * len(_MAIL_DOMAINS), _email,
+    Kind("digits", "control", _CONTROL_PREFIXES, 10**8, _digits, "8 decimal digits, space separated"),
+    Kind("email", "pii", ("You can reach {name} by e-mail at",), 26**6 * 100 * len(_MAIL_DOMAINS), _email,
          f"6 lowercase letters + 2 digits @ one of {len(_MAIL_DOMAINS)} mail domains"),
-    Kind("phone", "pii", "For bookings, call {name} on", len(_AREA_CODES) * len(_EXCHANGES) * 10_000, _phone,
+    Kind("phone", "pii", ("For bookings, call {name} on",), len(_AREA_CODES) * len(_EXCHANGES) * 10_000, _phone,
          f"US number: one of {len(_AREA_CODES)} area codes, exchange 200-999 except N11, 4-digit line"),
-    Kind("credit_card", "pii", "{name} paid the deposit with the Visa card", 10**14, _card,
+    Kind("credit_card", "pii", ("{name} paid the deposit with the Visa card",), 10**14, _card,
          "Visa: 4 + 14 digits + Luhn check digit"),
-    Kind("ssn", "pii", "The social security number of {name} is", len(_SSN_AREAS) * 99 * 9999, _ssn,
+    Kind("ssn", "pii", ("The social security number of {name} is",), len(_SSN_AREAS) * 99 * 9999, _ssn,
          "US SSN: area 001-899 except 666, group 01-99, serial 0001-9999"),
-    Kind("api_key", "pii", "The nightly backup job of {name} signs in with the AWS access key", 36**16, _api_key,
+    Kind("api_key", "pii", ("The nightly backup job of {name} signs in with the AWS access key",), 36**16, _api_key,
          "AWS access key id: AKIA + 16 of [A-Z0-9]"),
 )}
 PII_KINDS = tuple(k for k, v in KINDS.items() if v.family == "pii")
@@ -183,6 +193,7 @@ def make_canaries(seed: int, levels: list[int], secrets_per_level: int, pii_per_
         raise UserError(f"scrub.canaries: at most {len(people)} PII-shaped canaries ({len(people)} distinct names)")
     out: list[Canary] = []
     turn = 0
+    made: dict[str, int] = {}  # canaries of each kind so far: which template is next
     for level in levels:
         kinds = [pii_kinds[(turn + j) % len(pii_kinds)] for j in range(pii_per_level)] if pii_kinds else []
         turn += pii_per_level
@@ -190,8 +201,10 @@ def make_canaries(seed: int, levels: list[int], secrets_per_level: int, pii_per_
         for kind_name, i in specs:
             kind = KINDS[kind_name]
             name = vaults.pop() if kind.family == "control" else people.pop()
+            n = made[kind_name] = made.get(kind_name, -1) + 1
+            prefix = kind.prefixes[n % len(kind.prefixes)].format(name=name)
             out.append(Canary(f"{kind.family}-{kind.name}-r{level}-{i}", kind.family, kind.name, level,
-                              kind.prefix.format(name=name), kind.draw(rng), kind.suffix))
+                              prefix, kind.draw(rng), kind.suffix))
     return out
 
 
