@@ -342,7 +342,9 @@ def _other_doc(loc: Locale, rng: random.Random) -> list[Piece]:
     pieces: list[Piece] = []
     before, addr, after = _email(rng)
     pieces += [(f"{loc.email}: {before}", None), (addr, "email"), (f"{after}\n", None)]
-    for ip in _ip_positives(rng)[:2]:
+    ips = _ip_positives(rng)
+    rng.shuffle(ips)  # IPv4 and IPv6 in every shape
+    for ip in ips[:2]:
         shape = rng.randrange(6)
         if shape == 0 and ":" not in ip:
             pieces += [('<a href="http://', None), (ip, "ip"), (f':{rng.choice([80, 8080, 443])}/">', None)]
