@@ -564,8 +564,7 @@ def _national_doc(loc: Locale, num, other, rng: random.Random) -> list[Piece]:
 
     region = pn.region_code_for_number(num)
     tld = "uk" if region == "GB" else region.lower()
-    evidence = [f"+{other.country_code} " + pn.format_number(other, pn.PhoneNumberFormat.NATIONAL).lstrip("0")
-                if other is not None else pn.format_number(num, pn.PhoneNumberFormat.INTERNATIONAL)]
+    evidence = [pn.format_number(other if other is not None else num, pn.PhoneNumberFormat.INTERNATIONAL)]
     if tld not in _GENERIC_USE_DOMAINS:
         evidence += [f"{rng.choice(_NAMES).split()[-1].lower()}@example.{tld}", f"www.example.{tld}"]
     proof = rng.choice(evidence)

@@ -31,8 +31,8 @@ def valid_email(c: Candidate) -> float | None:
     labels = domain.split(".")
     if any(not lab or lab[0] == "-" or lab[-1] == "-" for lab in labels):
         return None
-    if labels[-1].lower() in _FILE_EXTENSIONS:  # icon@2x.png, logo@3x.webp
-        return None
+    if labels[-1].lower() in _FILE_EXTENSIONS and any(ch.isdigit() for ch in labels[0]):
+        return None  # icon@2x.png, logo@3x.webp; but jan@example.py is Paraguay, not Python
     return 1.0
 
 

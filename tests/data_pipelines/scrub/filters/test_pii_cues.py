@@ -49,6 +49,25 @@ def test_mail_numbers_after_a_cue_are_redacted_whole(r, text, value):
     assert found(r, text) == [("phone", value)]
 
 
+BROKEN = [
+    ("Tel.: 0 800\n12 345", "0 800\n12 345"),  # trunk, space, area code
+    ("Telefon: 06 20\n123 4567", "06 20\n123 4567"),
+    ("Телефон: 8 (495)\n123-45-67", "8 (495)\n123-45-67"),
+    ("+501 222\n1234", "+501 222\n1234"),  # international: no label needed, the rest may be short
+    ("Fax: +44 (0)20\t7946 0958", "+44 (0)20\t7946 0958"),
+]
+
+
+@pytest.mark.parametrize("text,value", BROKEN, ids=[f"broken-{i}" for i in range(len(BROKEN))])
+def test_numbers_cut_by_layout_are_joined(r, text, value):
+    assert found(r, text) == [("phone", value)]
+
+
+def test_two_lines_of_digits_without_a_label_are_a_table(r):
+    assert found(r, "0161\n496 0000") == []  # national, no label: a table as likely as a phone
+    assert found(r, "Results (2019)\n0161\n496 0000") == []
+
+
 PAIRS = [
     ("+91 80 2345 6789, 2345 6790", ["+91 80 2345 6789", "2345 6790"]),
     ("Tel: +91 80 2345 6789 / 2345 6790", ["+91 80 2345 6789", "2345 6790"]),
@@ -182,3 +201,10 @@ def test_context_functions_read_words_not_fragments():
     assert label_above("Phone:\n6123 4567", 7) and not label_above("Phone: 6123 4567", 7)
     assert reference_before("Invoice 4521 8890", 8) and not reference_before("Phone number: 4521 8890", 14)
     assert not cue_before("sec.example.com 4521 8890", 16) and not cue_before("fax@example.com 4521", 16)
+
+
+def test_addresses_under_country_domains_that_look_like_file_names(r):
+    """.py, .md, .rs are Paraguay, Moldova, Serbia; "icon@2x.png" is still a file name."""
+    assert found(r, "write to jan@example.py or ana@mail.example.md") == [("email", "jan@example.py"),
+                                                                           ("email", "ana@mail.example.md")]
+    assert found(r, "see icon@2x.png and logo@3x.webp") == []
