@@ -62,12 +62,12 @@ _SECRET_NAMES = (
     r"|auth[_\-]?token|access[_\-]?token|token|client[_\-]?secret)"
 )
 
-# A phone number cut by layout between the area code and the rest: "+353 1" or "(617)" or
-# "0161", then a line break, a tab, two spaces or HTML no-break spaces, then the rest. Hyperscan
-# looks for the break between two digits (the full pattern is too large for its start-of-match
-# tracking); the area code lies at most _AREA_CODE_LEN characters before it.
-# +353 1, +44 (0)20, (617), (0-612), 0161, 0 800, 06 20, 8 (495), 8 66: a trunk prefix 0 or 8 and
-# the area code, or a country code and the area code.
+# A phone number cut by layout between the area code and the rest: the area code (with its
+# country code: "+353 1", "+44 (0)20"; or its trunk prefix 0 or 8: "(617)", "(0-612)", "0161",
+# "0 800", "06 20", "8 (495)", "8 66"), then a line break, a tab, two spaces or HTML no-break
+# spaces, then the rest. Hyperscan looks for the break between two digits (the full pattern is
+# too large for its start-of-match tracking); the area code lies at most _AREA_CODE_LEN
+# characters before it.
 _AREA_CODE = (r"(?:(?:\+|00)\d{1,3}[ .\-]?(?:\(0\) ?)?\(?\d{1,5}\)?|\((?:\d{1,3}|0-?\d{1,4})\)"
               r"|0\d{0,4}(?:[ .\-]\d{1,4})?|8 ?\(\d{2,5}\)|8 \d{2,5})\.?")
 _AREA_CODE_LEN = 20

@@ -125,8 +125,9 @@ class PhoneValidator:
         if bad:
             raise UserError(f"scrub.pii.phone_regions: unknown region code(s) {bad}; use ISO 3166 codes such as US, GB, DE")
         self.cues = cues
-        self._mentions_of: str | None = None  # the document _country_mentions last read
-        self._mentions: tuple[list[int], list[tuple[str, ...]]] = ([], [])
+        # (document, positions, regions) of the last document _country_mentions read: one tuple,
+        # replaced whole, so a reader never sees one document's text with another's mentions.
+        self._mentions: tuple[str | None, list[int], list[tuple[str, ...]]] = (None, [], [])
         self.nanp = [r for r in regions if r in NANP_REGIONS]
         self.trunk0 = [r for r in regions if r not in NANP_REGIONS]
 
@@ -214,8 +215,9 @@ class PhoneValidator:
     def _country_mentions(self, text: str) -> tuple[list[int], list[tuple[str, ...]]]:
         """Where ``text`` names a country ("+65 ...", "@example.sg", "www.example.sg") and which
         regions each names; found once per document (the last document is remembered)."""
-        if text is self._mentions_of:
-            return self._mentions
+        cached = self._mentions
+        if cached[0] is text:
+            return cached[1], cached[2]
         positions: list[int] = []
         named: list[tuple[str, ...]] = []
         for m in _COUNTRY_CODE.finditer(text):
@@ -234,9 +236,8 @@ class PhoneValidator:
                     positions.append(m.start())
                     named.append((region,))
         order = sorted(range(len(positions)), key=positions.__getitem__)
-        self._mentions_of = text
-        self._mentions = ([positions[k] for k in order], [named[k] for k in order])
-        return self._mentions
+        self._mentions = (text, [positions[k] for k in order], [named[k] for k in order])
+        return self._mentions[1], self._mentions[2]
 
     def _check(self, number: str, region: str | None, strong: bool) -> float | None:
         pn = self.pn
@@ -304,8 +305,8 @@ def _sentences(cand: str) -> list[tuple[int, int]]:
 
 
 def broken_phone_spans(c: Candidate) -> list[tuple[int, int, float]]:
-    """A number cut by layout between the area code and the rest ("+353 1\n234 5678",
-    "(617)\n      253-1000", "0800&nbsp;123456"), decided as the number it is when joined."""
+    """A number cut by layout between the area code and the rest ("+353 1\\n234 5678",
+    "(617)\\n      253-1000", "0800&nbsp;123456"), decided as the number it is when joined."""
     validator = c.settings.phone
     assert validator is not None
     body = _LAYOUT_GAP.sub(" ", c.value)
