@@ -49,6 +49,7 @@ import random
 from dataclasses import dataclass
 
 from data_pipelines.scrub.filters.pii import IBAN_LENGTHS
+from data_pipelines.scrub.filters.pii.phone import GENERIC_USE_DOMAINS
 
 Piece = tuple[str, str | None]  # (text, label): label a PII type, "neg:<kind>", or None for filler
 
@@ -386,9 +387,6 @@ def _record(pieces: list[Piece], locale: str, shape: str, cls: str) -> dict:
 
 PHONE_CLASSES = ("before", "after", "above", "speech", "broken", "national")
 _CARD_TYPES = ("FIXED_LINE", "MOBILE", "FIXED_LINE_OR_MOBILE", "TOLL_FREE")
-# Country domains used as generic names say nothing of a country: such regions name themselves
-# by a "+CC" number instead.
-_GENERIC_USE_DOMAINS = frozenset("io co tv me ai ly fm am to cc ws gg sh nu tk la vc gl ac im".split())
 _LAYOUT_BREAKS = ("\n", "\n      ", "\r\n", "\t", "&nbsp;", "  ", " \n  ")
 
 
@@ -565,7 +563,7 @@ def _national_doc(loc: Locale, num, other, rng: random.Random) -> list[Piece]:
     region = pn.region_code_for_number(num)
     tld = "uk" if region == "GB" else region.lower()
     evidence = [pn.format_number(other if other is not None else num, pn.PhoneNumberFormat.INTERNATIONAL)]
-    if tld not in _GENERIC_USE_DOMAINS:
+    if tld not in GENERIC_USE_DOMAINS:  # .io, .co, ... name no country: a "+CC" number does
         evidence += [f"{rng.choice(_NAMES).split()[-1].lower()}@example.{tld}", f"www.example.{tld}"]
     proof = rng.choice(evidence)
     proof_label = "phone" if proof.startswith("+") else "email" if "@" in proof else None

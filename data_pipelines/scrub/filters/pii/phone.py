@@ -55,7 +55,7 @@ _COUNTRY_DOMAINS = tuple(re.compile(lead + r"[\w\-]+(?:\.[\w\-]+)*\.([A-Za-z]{2}
                          for lead in ("@", "://", r"www\."))
 _DOCUMENT_NEAR = 1500
 # Country domains used as generic names (.io, .co, .tv, .me, .ai, ...) say nothing of the country.
-_GENERIC_DOMAINS = frozenset("io co tv me ai ly fm am to cc ws gg sh nu tk la vc gl ac im".split())
+GENERIC_USE_DOMAINS = frozenset("io co tv me ai ly fm am to cc ws gg sh nu tk la vc gl ac im".split())
 _LAYOUT_GAP = re.compile(r"(?:\s|&nbsp;|&#160;)+")  # collapsed to one space in a broken number
 
 
@@ -232,7 +232,7 @@ class PhoneValidator:
             for m in rx.finditer(text):
                 tld = m.group(1).lower()
                 region = "GB" if tld == "uk" else tld.upper()
-                if tld not in _GENERIC_DOMAINS and region in self.pn.SUPPORTED_REGIONS:
+                if tld not in GENERIC_USE_DOMAINS and region in self.pn.SUPPORTED_REGIONS:
                     positions.append(m.start())
                     named.append((region,))
         order = sorted(range(len(positions)), key=positions.__getitem__)
