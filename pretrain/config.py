@@ -209,8 +209,8 @@ class PIIConfig:
     replacement: str = fld("placeholder", "placeholder: one special token per type (data_pipelines/scrub/filters/pii_types.py); pseudonym: a keyed HMAC-SHA256 tag per value (type + 8 hex digits), the same value giving the same tag corpus-wide.", choices=("placeholder", "pseudonym"))
     secret_env: str = fld("PII_HMAC_SECRET", "Environment variable holding the pseudonym key (never written anywhere).")
     redact_private_ips: bool = fld(False, "Also redact private IP ranges (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7). Loopback, unspecified, link-local, multicast and documentation addresses are always kept; all other addresses, reserved or unassigned space included, are always redacted.")
-    phone_regions: list[str] = fld(["US", "GB", "DE", "FR", "IN"], "Regions tried for national-format phone numbers without a cue word (numbers with + or 00 are checked for every country).")
-    phone_cues: bool = fld(True, "After a phone cue word (Tel, phone, mobile, fax, call me on, ... in 20+ languages) accept any plausible digit run as a phone: local 6-9 digit numbers, national numbers of any region, a country code without +.")
+    phone_regions: list[str] = fld(["US", "GB", "DE", "FR", "IN"], "Regions tried for national-format phone numbers without a cue word, besides the regions the document itself names near the number (a +CC number, an address under a country domain); numbers with + or 00 are checked for every country.")
+    phone_cues: bool = fld(True, "Where the text says phone (a cue word before the number, a label after it or on the line above, a spoken 'call me back on ...', in 24 languages) accept any plausible digit run as a phone: local 6-9 digit numbers, national numbers of any region, a country code without +, a number broken across lines. A reference word right before the number (invoice, order, account) always wins.")
     engine: str = fld("auto", "Candidate scan: hyperscan (one pass, x86), re (per-type compiled regex), auto = hyperscan when installed.", choices=("auto", "hyperscan", "re"))
 
 
