@@ -290,6 +290,12 @@ class DeepSpeedConfig:
     extra: dict[str, Any] = fld({}, "Passthrough: merged last into the generated DeepSpeed config (advanced keys).")
 
 
+# Run-defining settings a resume refuses to change unless checkpoint.allow_changes names them (a
+# deliberate change, such as a vocabulary surgery). The schema owns the list so validation needs
+# no import from the resume planner (pretrain/checkpoint/plan.py), which says why for each.
+RESUME_ALLOWABLE: tuple[str, ...] = ("data.tokenizer", "data.val_fraction", "model.rope_theta", "model.norm_eps")
+
+
 @dataclass
 class CheckpointConfig:
     dir: str = fld("${run.dir}/checkpoints", "Checkpoint directory.")
@@ -300,6 +306,7 @@ class CheckpointConfig:
     resume: str = fld("auto", "auto: newest complete checkpoint in checkpoint.dir; never: start fresh; or a checkpoint path.")
     overwrite: bool = fld(False, "resume=never: start over an existing run (deleting its checkpoints); resume=PATH: delete the checkpoints in checkpoint.dir later than PATH.")
     save_on_exit: bool = fld(True, "Save when stopping on a signal, the time budget or max_steps.")
+    allow_changes: list[str] = fld([], "Resume even though these run-defining settings differ from the checkpoint's (a deliberate change, logged), e.g. [data.tokenizer] for a vocabulary surgery; any of: " + ", ".join(RESUME_ALLOWABLE) + ". The tokenizer is compared by content, so a moved or re-saved file is no change.")
 
 
 @dataclass
@@ -409,6 +416,10 @@ def cross_field_problems(cfg: Config, world_size: int | None = None) -> list[str
     names = [s.name for s in d.sources]
     for name in sorted({n for n in names if names.count(n) > 1}):
         p.append(f"data.sources: the name '{name}' is used by sources {[i for i, n in enumerate(names) if n == name]}; names must be unique (loader state and pretokenized shards are keyed by name)")
+    unknown_allow = [k for k in cfg.checkpoint.allow_changes if k not in RESUME_ALLOWABLE]
+    if unknown_allow:
+        p.append(f"checkpoint.allow_changes: {', '.join(unknown_allow)} cannot be allowed; the settings a resume "
+                 f"may be told to accept are: {', '.join(RESUME_ALLOWABLE)}")
     # PII rules.
     unknown_pii = [x for x in cfg.scrub.pii.types if x not in PII_TYPES]
     if unknown_pii:

@@ -69,3 +69,14 @@ def sha256_file(path: str | os.PathLike, fsync: bool = False) -> str:
             except OSError:
                 pass
     return h.hexdigest()
+
+
+def json_sha256(data: bytes) -> str:
+    """sha256 of a JSON document's canonical form (keys sorted, no whitespace, UTF-8).
+
+    The identity of a file by what it says, not how it is written: moving it, re-saving it with
+    another indentation or key order, or escaping its characters differently keeps the hash.
+    Raises ValueError when ``data`` is not JSON.
+    """
+    canonical = json.dumps(json.loads(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

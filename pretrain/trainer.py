@@ -153,11 +153,13 @@ def take_lease(cfg: Config, info) -> RunLease | None:
 
 
 def _load_tokenizer(cfg: Config):
-    """The tokenizer, loaded once and shared by both loaders (None in pretokenized mode without one)."""
+    """The tokenizer, loaded once and shared by both loaders (None in pretokenized mode without one),
+    and its file (data.tokenizer may name the directory holding it)."""
     path = cfg.data.tokenizer
     if cfg.data.mode == "pretokenized" and not Path(path).is_file():
         return None, None
-    return load_tokenizer(path), str(path)
+    tokenizer = load_tokenizer(path)
+    return tokenizer, tokenizer.source_path
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Save protocol: every rank writes its engine shards and its rank file, a gather, the ranks hash
 the files between them, rank 0 writes ``COMPLETE.json`` (tmp + fsync + rename) and only then moves
 ``latest`` and prunes. Resume protocol: choose the checkpoint (rank 0) -> verify it (all ranks hash
-a share) -> check the model shape -> plan (world size, ZeRO stage, loader streams) -> convert to
-universal if the plan says so -> load the engine -> this rank's loader state -> RNG.
+a share) -> is it the same run (every setting compared, see plan.RULES; the tokenizer by content) ->
+plan (world size, ZeRO stage, loader streams) -> convert to universal if the plan says so -> load
+the engine (the config's optimizer settings kept) -> this rank's loader state -> RNG.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from torch.optim.lr_scheduler import LambdaLR
+
 from data_pipelines.loaders import reshard_states, source_summaries
 from pretrain.checkpoint.format import (
     CONFIG_FILE,
@@ -25,6 +28,7 @@ from pretrain.checkpoint.format import (
     UNIVERSAL_TAG,
     CheckpointError,
     CheckpointSaveError,
+    TokenizerRef,
     delete_checkpoint,
     file_problems,
     find_latest_complete,
@@ -34,11 +38,14 @@ from pretrain.checkpoint.format import (
     payload_files,
     point_latest,
     prune,
+    read_config,
     read_latest_pointer,
     read_marker,
     read_meta,
     read_rank_files,
+    read_tokenizer,
     remove_latest_pointer,
+    saved_tokenizer,
     step_dir_name,
     utc_now,
     verify_checkpoint,
@@ -47,13 +54,15 @@ from pretrain.checkpoint.format import (
     write_rank_file,
 )
 from pretrain.checkpoint.plan import (
+    ALLOWED,
     LOADER_AS_SAVED,
     LOADER_RESHARD,
     ResumeChoice,
     ResumePlan,
-    check_same_model,
+    check_settings,
     choose_checkpoint,
     plan_resume,
+    run_settings,
 )
 from pretrain.checkpoint.state import TrainState, rng_state, set_rng_state
 from pretrain.checkpoint.weights import convert_to_universal
@@ -75,6 +84,53 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}"
 
 
+_ADAMW_SETTINGS = ("betas", "eps", "weight_decay")
+
+
+def _config_schedule(engine: Any) -> LambdaLR | None:
+    """The trainer's learning-rate schedule: a LambdaLR over pretrain.schedules (engine.build_engine),
+    the rate being the config's optim.lr times the schedule's factor. None for any other scheduler."""
+    sched = getattr(engine, "lr_scheduler", None)
+    return sched if isinstance(sched, LambdaLR) else None
+
+
+def _optimizer_settings(engine: Any) -> dict:
+    """The optimizer settings the engine was built with from this run's config: per-group AdamW
+    settings, the schedule's base rates and the gradient clip."""
+    opt, sched = getattr(engine, "optimizer", None), _config_schedule(engine)
+    return {
+        "groups": [{k: g[k] for k in _ADAMW_SETTINGS if k in g} for g in opt.param_groups] if opt is not None else [],
+        "base_lrs": list(sched.base_lrs) if sched is not None else None,
+        "clip_grad": getattr(opt, "clip_grad", None),
+    }
+
+
+def _restore_optimizer_settings(engine: Any, configured: dict) -> None:
+    """After DeepSpeed's load_checkpoint: the config's optimizer settings win over the checkpoint's.
+
+    The load puts back the checkpoint's AdamW settings (with the optimizer state), its gradient clip
+    and its schedule's base rate, while the schedule's shape comes from the config: a changed optim.lr
+    would silently mix the two. Here the config's values return and the rate of the next step is the
+    config's schedule at the checkpoint's step, so a resume named in the log is the one that runs.
+    """
+    opt, sched = getattr(engine, "optimizer", None), _config_schedule(engine)
+    if opt is None:
+        return
+    for group, values in zip(opt.param_groups, configured["groups"], strict=True):
+        group.update(values)
+    if configured["clip_grad"] is not None:
+        opt.clip_grad = configured["clip_grad"]
+    if sched is not None:
+        sched.base_lrs = configured["base_lrs"]
+        for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * factor(sched.last_epoch)
+    g = opt.param_groups[0]
+    clip = getattr(opt, "clip_grad", getattr(opt, "max_norm", None))  # DeepSpeed's wrappers; GuardedAdamW
+    log.info("optimizer after resume: lr %.6g at schedule step %s, betas %s, eps %.3g, weight decay %s, grad clip %s",
+             g["lr"], sched.last_epoch if sched is not None else "-", tuple(g["betas"]), g["eps"],
+             [grp["weight_decay"] for grp in opt.param_groups], clip)
+
+
 class Checkpointer:
     """Save / resume / prune for one run. Every rank constructs one and calls the same methods.
 
@@ -86,7 +142,12 @@ class Checkpointer:
         self.cfg = cfg
         self.engine = engine
         self.info = info
-        self.tokenizer_path = tokenizer_path
+        # The tokenizer is read once: every save keeps a copy of these bytes, the ones the run started
+        # with, and a resume compares their content with the checkpoint's.
+        self.tokenizer: TokenizerRef | None = None
+        self._tokenizer_bytes = b""
+        if tokenizer_path and Path(tokenizer_path).is_file():
+            self._tokenizer_bytes, self.tokenizer = read_tokenizer(tokenizer_path)
         self.dir = Path(cfg.checkpoint.dir)
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
@@ -248,10 +309,8 @@ class Checkpointer:
 
     def _write_run_files(self, step_dir: Path, state: TrainState, world: int) -> None:
         save_resolved(self.cfg, step_dir, CONFIG_FILE)
-        tok = None
-        if self.tokenizer_path and Path(self.tokenizer_path).is_file():
-            shutil.copyfile(self.tokenizer_path, step_dir / TOKENIZER_FILE)
-            tok = TOKENIZER_FILE
+        if self.tokenizer is not None:  # durable once the marker's hashing pass has fsynced it
+            (step_dir / TOKENIZER_FILE).write_bytes(self._tokenizer_bytes)
         versions = {}
         for mod in ("torch", "deepspeed"):
             try:
@@ -266,8 +325,9 @@ class Checkpointer:
             zero_stage=self.cfg.deepspeed.zero_stage,
             precision=self.cfg.train.precision,
             model=to_dict(self.cfg)["model"],
-            tokenizer=tok,
-            tokenizer_source=str(Path(self.tokenizer_path).resolve()) if self.tokenizer_path else None,
+            tokenizer=TOKENIZER_FILE if self.tokenizer else None,
+            tokenizer_source=self.tokenizer.path if self.tokenizer else None,
+            tokenizer_sha256=self.tokenizer.sha256 if self.tokenizer else None,
             scrub_manifests=source_summaries(self.cfg),
             versions=versions,
         )
@@ -308,7 +368,7 @@ class Checkpointer:
         marker = self._verify_distributed(step_dir)
         self._last_size = sum(f["size"] for f in marker["files"].values())
         meta = read_meta(step_dir)
-        check_same_model(step_dir, meta["model"], to_dict(self.cfg)["model"])
+        self._check_same_run(step_dir, meta)
         per_rank = read_rank_files(step_dir, int(meta["world_size"]))
         plan = plan_resume(step_dir, meta, [r["loader"] for r in per_rank], self.info.world_size,
                            self.cfg.deepspeed.zero_stage, self.cfg.data.num_workers)
@@ -325,6 +385,19 @@ class Checkpointer:
         self._last_saved_step = state.step
         self._last_save_time = time.monotonic()
         return state, loader_state
+
+    def _check_same_run(self, step_dir: Path, meta: dict) -> None:
+        """Refuse (every rank, the same message) what cannot continue this checkpoint; log the rest."""
+        saved = run_settings(read_config(step_dir), saved_tokenizer(step_dir, meta))
+        now = run_settings(to_dict(self.cfg), self.tokenizer)
+        changes = check_settings(step_dir, saved, now, self.cfg.checkpoint.allow_changes)
+        if self.info.rank != 0:
+            return
+        for c in changes:
+            if c.verdict == ALLOWED:
+                log.warning("resuming with a changed setting, allowed by checkpoint.allow_changes: %s", c.describe())
+            else:
+                log.info("changed since the checkpoint: %s", c.describe())
 
     def _verify_distributed(self, step_dir: Path) -> dict:
         """Every rank hashes a share of the files; any problem anywhere stops every rank."""
@@ -365,6 +438,7 @@ class Checkpointer:
         cfg_obj = self.engine._config
         before = cfg_obj.load_universal_checkpoint
         cfg_obj.load_universal_checkpoint = plan.universal  # DeepSpeed reads the flag at load time only
+        configured = _optimizer_settings(self.engine)
         try:
             load_path, _ = self.engine.load_checkpoint(str(plan.step_dir), tag=tag, load_optimizer_states=True,
                                                        load_lr_scheduler_states=True)
@@ -372,6 +446,7 @@ class Checkpointer:
             cfg_obj.load_universal_checkpoint = before
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {plan.step_dir / tag}")
+        _restore_optimizer_settings(self.engine, configured)
 
     def _loader_state(self, plan: ResumePlan, states: Sequence[dict | None]) -> dict | None:
         """This rank's loader state: as saved, resharded over the new ranks and streams, or none."""
