@@ -11,9 +11,11 @@ step starts: the trainer finishes the step, saves (checkpoint.save_on_exit) and 
 as on a preemption, so a phase ends at a chosen step without changing train.max_steps (which would
 change the LR schedule).
 
-Test hook for checking that the elastic test can fail: ``ELASTIC_TEST_BREAK=engine`` makes the
-resume skip loading the engine state (weights, optimizer, LR schedule: a re-initialised model),
-``ELASTIC_TEST_BREAK=optimizer`` loads it all, then drops the optimizer's moments and step count.
+Break switches, run by ``test_the_loss_check_catches_a_broken_resume`` (the elastic loss check must
+fail with them): ``ELASTIC_TEST_BREAK=engine`` makes the resume skip loading the engine state
+(weights, optimizer, LR schedule: a re-initialised model), ``ELASTIC_TEST_BREAK=optimizer`` loads it
+all, then drops the optimizer's moments and step count. They replace ``Checkpointer._load_engine``
+with the same signature.
 """
 
 from __future__ import annotations
@@ -66,12 +68,12 @@ trainer._to_device = to_device
 
 broken = os.environ.get("ELASTIC_TEST_BREAK", "")
 if broken == "engine":
-    checkpoint.Checkpointer._load_engine = lambda self, step_dir, tag, universal: None
+    checkpoint.Checkpointer._load_engine = lambda self, plan: None
 elif broken == "optimizer":
     real_load_engine = checkpoint.Checkpointer._load_engine
 
-    def load_engine_then_drop_optimizer_state(self, step_dir, tag, universal):
-        real_load_engine(self, step_dir, tag, universal)
+    def load_engine_then_drop_optimizer_state(self, plan):
+        real_load_engine(self, plan)
         self.engine.optimizer.optimizer.state.clear()  # the torch AdamW inside ZeRO: moments and step count
 
     checkpoint.Checkpointer._load_engine = load_engine_then_drop_optimizer_state
