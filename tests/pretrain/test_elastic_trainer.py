@@ -20,8 +20,8 @@ elastic run as in the reference, although after a reshard the two runs cut and o
 differently.
 
 That the loss check can fail is itself tested: the 2 -> 1 phase rerun from a copy of the run after
-phase 1 with ``ELASTIC_TEST_BREAK=optimizer`` (the resume drops Adam's state) or ``=engine`` (the
-resume loads no engine state; see ``_fed_batches.py``) must miss the tolerance.
+phase 1 with ``ELASTIC_TEST_BREAK=optimizer`` (the resume drops Adam's state; see ``_fed_batches.py``)
+must miss the tolerance.
 """
 
 from __future__ import annotations
@@ -248,15 +248,14 @@ def test_elastic_resume_losses_follow_the_uninterrupted_run(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("broken", ["optimizer", "engine"])
-def test_the_loss_check_catches_a_broken_resume(runs, tmp_path, broken):
+def test_the_loss_check_catches_a_broken_resume(runs, tmp_path):
     """The check above can fail: the 2 -> 1 phase rerun from the same checkpoint with a resume that
-    drops Adam's state (optimizer) or loads no engine state at all (engine) leaves the tolerance."""
+    drops Adam's state (the subtlest break: +0.25 nats at step 30) leaves the tolerance."""
     run_dir = tmp_path / "broken"
     shutil.copytree(runs["after_phase0"], run_dir)
-    log = run_phase(runs["config"], run_dir, 1, env={"ELASTIC_TEST_BREAK": broken})
+    log = run_phase(runs["config"], run_dir, 1, env={"ELASTIC_TEST_BREAK": "optimizer"})
     assert "elastic resume: 2 -> 1 data-parallel ranks" in log
     ref, ela = train_losses(runs["reference"]), train_losses(run_dir, last_step=PHASES[1][2])
     assert loss_problems(ref, ela, PHASES[0][2] + 1, PHASES[1][2], "after 2 -> 1"), (
-        f"ELASTIC_TEST_BREAK={broken} went unnoticed: "
+        "a resume that drops Adam's state went unnoticed: "
         + ", ".join(f"{s}: {ela[s] - ref[s]:+.4f}" for s in range(PHASES[0][2] + 1, PHASES[1][2] + 1)))

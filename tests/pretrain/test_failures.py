@@ -94,7 +94,6 @@ def test_second_job_on_a_live_run_dir_exits_2_and_changes_nothing(tiny_data, tmp
         single = run_train(cfg, [], nproc=1, ok=False)  # plain python: the status is the job's
         assert single.returncode == 2 and "is in use by another job" in single.stderr, single.stderr[-3000:]
         print(f"second job (torchrun, 2 ranks) exited after {took:.1f} s")
-        assert took < 60
         assert ((run / "config.yaml").read_bytes(), (run / "config.yaml").stat().st_mtime_ns) == config_before
         assert sorted(p.name for p in run.iterdir()) == files_before
         assert first.poll() is None
