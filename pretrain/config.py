@@ -60,7 +60,7 @@ class RunConfig:
     seed: int = fld(1337, "Global seed (model init, data shuffling, sampling).", ge=0)
     log_level: str = fld("info", "Log level on global rank 0.", choices=("debug", "info", "warning", "error"))
     log_all_ranks: bool = fld(False, "Log at run.log_level on every rank, not only warnings on ranks > 0.")
-    lease_heartbeat_s: float = fld(10.0, "Seconds between refreshes of the run directory's lease (RUN_DIR/.lease.json) by global rank 0.", gt=0)
+    lease_heartbeat_s: float = fld(10.0, "Seconds between heartbeats of the run directory's lease (RUN_DIR/.lease/gen-NNNNNN, by global rank 0; the scrub's too). Each heartbeat first checks that no other job took the lease over; a job that lost it stops every rank with exit status 6.", gt=0)
     lease_stale_s: float = fld(120.0, "A lease whose heartbeat is older than this (or whose process is gone, same host) is taken over; a live one makes a second job exit 2. Must exceed run.lease_heartbeat_s.", gt=0)
 
 

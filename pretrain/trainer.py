@@ -6,7 +6,8 @@ Layout, top to bottom::
     train(cfg)                 signals -> setup -> resume -> monitor -> loop -> final save -> status
       loop:  train_step        micro-batches (from the Prefetcher thread) through forward /
                                backward / engine.step
-             agree             one all-reduce: mean loss + stop requests (signal, time budget)
+             agree             one all-reduce: mean loss + stop requests (signal, time budget) + whether
+                               rank 0 found the run directory's lease lost
              NonFinite         skipped / non-finite steps (DeepSpeed skips the update itself)
              StopPolicy        every reason to stop, in one place (pretrain/stopping.py)
              _log_step         progress bar, metrics.jsonl + wandb every train.log_every steps
@@ -23,7 +24,9 @@ step finishes, the run saves and exits 0 so SLURM can requeue it), 3 after
 time: a diverged run must not be requeued), 4 when the hang watchdog fired (pretrain/hang.py; nothing
 is saved), 2 when another job holds the run directory's lease (pretrain/run_lease.py), 5 when a
 checkpoint save ran out of disk space (pretrain/checkpoint/checkpointer.py; not worth a blind
-requeue), 1 on an exception (wandb marks the run failed).
+requeue), 6 when another job took the run directory's lease over while this one ran (every rank
+stops at once, writing nothing more; do not requeue: the directory is the other job's now), 1 on an
+exception (wandb marks the run failed).
 
 Test hook: ``PRETRAIN_INJECT_NAN_STEPS=5,6`` multiplies global rank 0's loss by NaN at those
 (1-based) steps; the NaN reaches every rank through the gradient all-reduce, exactly like a real
@@ -50,7 +53,7 @@ import torch.distributed as dist
 from data_pipelines.loaders import Prefetcher, build_train_loader, build_val_loader, load_tokenizer
 from pretrain.checkpoint import Checkpointer, TrainState
 from pretrain.config import Config, save_resolved
-from pretrain.dist import broadcast_flag, init_distributed, select_accelerator
+from pretrain.dist import broadcast_flag, broadcast_object, init_distributed, select_accelerator
 from pretrain.engine import (
     build_engine,
     check_device_support,
@@ -61,11 +64,11 @@ from pretrain.engine import (
     resolve_precision,
     schedule_horizon,
 )
-from pretrain.errors import UserError
+from pretrain.errors import LeaseLostError, UserError
 from pretrain.hang import HangWatchdog
 from pretrain.model import Transformer
 from pretrain.monitor import Monitor, Throughput, flops_and_peak, memory_bytes
-from pretrain.run_lease import RunLease
+from pretrain.run_lease import RunLease, stop_process
 from pretrain.stopping import NonFinite, Stop, StopPolicy, StopSignals
 
 log = logging.getLogger(__name__)
@@ -150,6 +153,16 @@ def take_lease(cfg: Config, info) -> RunLease | None:
                             "(its message says why); this rank writes nothing")
         raise error
     return lease
+
+
+def lease_lost_here(s: Session) -> bool:
+    """This rank's view: the lease's holder (global rank 0) found it lost (heartbeat or a writer)."""
+    return s.lease is not None and s.lease.lost is not None
+
+
+def lost_lease_everywhere(s: Session) -> LeaseLostError:
+    """Collective, once every rank agreed the lease is lost: rank 0's message naming the new owner."""
+    return LeaseLostError(broadcast_object(str(s.lease.lost) if s.lease else None))
 
 
 def _load_tokenizer(cfg: Config):
@@ -266,14 +279,17 @@ def train(cfg: Config) -> int:
     nan_steps = _nan_steps()  # a malformed test hook fails before any set-up
     # Signals first (a preemption during set-up still saves); the lease is released on every way out.
     with StopSignals() as signals, contextlib.ExitStack() as held:
-        return _train(cfg, StopPolicy(cfg.train, signals, started), nan_steps, held)
+        try:
+            return _train(cfg, StopPolicy(cfg.train, signals, started), nan_steps, held)
+        except LeaseLostError as lost:  # every rank, at the same step or save phase
+            stop_process(lost)
 
 
 def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextlib.ExitStack) -> int:
     s = setup(cfg, held=held)
     cfg = s.cfg  # precision resolved for this device
     info, engine, t = s.info, s.engine, cfg.train
-    checkpointer = Checkpointer(cfg, engine, info, s.tokenizer_path)
+    checkpointer = Checkpointer(cfg, engine, info, s.tokenizer_path, lease=s.lease)
     state = TrainState()
     resumed = checkpointer.resume()  # before wandb: the wandb run id lives in the checkpoint
     if resumed is not None:
@@ -282,7 +298,8 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
             s.loader.load_state_dict(loader_state)
         log.info("resumed at step %d (%d tokens seen)", state.step, state.tokens_seen)
 
-    monitor = Monitor(cfg, info.rank, s.run_dir, state.step, state.wandb_run_id, schedule_horizon(cfg, info.world_size))
+    monitor = Monitor(cfg, info.rank, s.run_dir, state.step, state.wandb_run_id, schedule_horizon(cfg, info.world_size),
+                      may_write=s.lease.still_ours if s.lease else None)
     state.wandb_run_id = monitor.wandb_run_id or state.wandb_run_id
     flops_per_token, peak = flops_and_peak(cfg, info.device)
     meter = Throughput(flops_per_token, peak, info.world_size)
@@ -303,14 +320,17 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
             lr = engine.get_lr()[0]  # the rate this step's update uses
             local_loss, wait = train_step(engine, batches, t.grad_accum_steps, info.device,
                                           inject_nan=step in nan_steps and info.rank == 0)
-            loss, agreed = agree(local_loss, policy.requests(), info.device, info.world_size)
+            requests = (*policy.requests(), lease_lost_here(s))
+            loss, (*agreed, lease_lost) = agree(local_loss, requests, info.device, info.world_size)
+            if lease_lost:  # nothing more is written: no metrics, no evaluation, no checkpoint
+                raise lost_lease_everywhere(s)
             watchdog.beat()
             state.step, state.tokens_seen = step, state.tokens_seen + s.tokens_per_step
             meter.update(s.tokens_per_step, time.perf_counter() - t0, wait)
             applied = engine.was_step_applied()
             gnorm = step_grad_norm(engine, applied, step % t.log_every == 0)
             bad = nonfinite.account(state, step, loss, applied, gnorm)
-            stop = policy.after_step(agreed, nonfinite.in_a_row)
+            stop = policy.after_step(tuple(agreed), nonfinite.in_a_row)
 
             _log_step(s, monitor, meter, state, loss, lr, gnorm, nonfinite.in_a_row, force=bad)
             evaluating = bool(t.eval_every) and step % t.eval_every == 0 and not (stop and stop.preempted)

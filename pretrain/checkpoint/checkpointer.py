@@ -1,11 +1,15 @@
 """The Checkpointer the trainer drives: when to save (``due``), ``save`` and ``resume``.
 
-Save protocol: every rank writes its engine shards and its rank file, a gather, the ranks hash
-the files between them, rank 0 writes ``COMPLETE.json`` (tmp + fsync + rename) and only then moves
-``latest`` and prunes. Resume protocol: choose the checkpoint (rank 0) -> verify it (all ranks hash
-a share) -> is it the same run (every setting compared, see plan.RULES; the tokenizer by content) ->
-plan (world size, ZeRO stage, loader streams) -> convert to universal if the plan says so -> load
-the engine (the config's optimizer settings kept) -> this rank's loader state -> RNG.
+Save protocol: rank 0 confirms the run directory is still this job's, every rank writes its engine
+shards and its rank file, a gather, the ranks hash the files between them, rank 0 writes
+``COMPLETE.json`` (tmp + fsync + rename) and only then moves ``latest`` and prunes, confirming the
+lease again right before each of those three writes (a job that lost the run directory to another
+job must not mark, point at or delete checkpoints there).
+
+Resume protocol: choose the checkpoint (rank 0) -> verify it (all ranks hash a share) -> is it the
+same run (every setting compared, see plan.RULES; the tokenizer by content) -> plan (world size,
+ZeRO stage, loader streams) -> convert to universal if the plan says so -> load the engine (the
+config's optimizer settings kept) -> this rank's loader state -> RNG.
 """
 
 from __future__ import annotations
@@ -68,14 +72,22 @@ from pretrain.checkpoint.state import TrainState, rng_state, set_rng_state
 from pretrain.checkpoint.weights import convert_to_universal
 from pretrain.config import Config, save_resolved, to_dict
 from pretrain.dist import DistInfo, all_gather_objects, barrier, broadcast_flag, broadcast_object
-from pretrain.errors import DiskFullError, is_disk_full
+from pretrain.errors import DiskFullError, LeaseLostError, is_disk_full
 from pretrain.faults import fault_point
 from pretrain.fileio import fsync_dir
+from pretrain.run_lease import RunLease
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
+
+
+def _failure_kind(e: BaseException, checkpoint_dir: Path) -> str | None:
+    """What a failed save phase means for every rank: "disk_full", "lease_lost" or None (any other error)."""
+    if isinstance(e, LeaseLostError):
+        return "lease_lost"
+    return "disk_full" if is_disk_full(e, checkpoint_dir) else None
 
 
 def _one_line(e: BaseException) -> str:
@@ -138,7 +150,8 @@ class Checkpointer:
     (rank 0's clock decides, so all ranks agree); call it on every rank at every step.
     """
 
-    def __init__(self, cfg: Config, engine: Any, info: DistInfo, tokenizer_path: str | None):
+    def __init__(self, cfg: Config, engine: Any, info: DistInfo, tokenizer_path: str | None,
+                 lease: RunLease | None = None):
         self.cfg = cfg
         self.engine = engine
         self.info = info
@@ -148,6 +161,7 @@ class Checkpointer:
         self._tokenizer_bytes = b""
         if tokenizer_path and Path(tokenizer_path).is_file():
             self._tokenizer_bytes, self.tokenizer = read_tokenizer(tokenizer_path)
+        self.lease = lease  # the run directory's lease, on the rank holding it (global rank 0)
         self.dir = Path(cfg.checkpoint.dir)
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
@@ -188,6 +202,7 @@ class Checkpointer:
         if state.step == self._last_saved_step and broadcast_object(is_complete(step_dir) if rank == 0 else None):
             self._last_save_time = time.monotonic()
             return str(step_dir)
+        self._check_owner()
         self._check_free_space(state.step)
         self._make_step_dir(step_dir)
         # 1-3. Every rank writes its engine shards and rank file (rank 0 also the run files).
@@ -200,6 +215,21 @@ class Checkpointer:
                     lambda: self._commit(step_dir, state.step, gathered, t0) if rank == 0 else None)
         self._last_saved_step, self._last_save_time = state.step, time.monotonic()
         return str(step_dir)
+
+    def _check_owner(self) -> None:
+        """Every rank learns whether this job still owns the run directory, read from disk now by
+        the lease's holder: a save deletes, creates and prunes directories."""
+        lost = None
+        if self.lease is not None and not self.lease.still_ours(max_age_s=0):
+            lost = str(self.lease.lost)
+        lost = broadcast_object(lost)
+        if lost:
+            raise LeaseLostError(lost)
+
+    def _confirm_owner(self) -> None:
+        """The holder, right before a commit write (raises LeaseLostError, failing the save's phase)."""
+        if self.lease is not None:
+            self.lease.confirm()
 
     def _check_free_space(self, step: int) -> None:
         """Refuse, on every rank, a save that visibly cannot fit (less free space than the last
@@ -244,11 +274,14 @@ class Checkpointer:
         fsync_dir(step_dir)
         fsync_dir(step_dir / ENGINE_TAG)
         fault_point("before_marker", step)
+        self._confirm_owner()
         write_marker(step_dir, files, step=step, world_size=self.info.world_size, created=utc_now())
         self._last_size = sum(f["size"] for f in files.values())
         fault_point("after_marker", step)
+        self._confirm_owner()
         point_latest(self.dir, step_dir.name)
         fault_point("after_latest", step)
+        self._confirm_owner()
         prune(self.dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
         log.info("saved checkpoint %s (%.1fs)", step_dir, time.monotonic() - t0)
 
@@ -258,7 +291,9 @@ class Checkpointer:
         try:
             result, failure, exc = work(), None, None
         except Exception as e:  # every rank must hear of it, or the others wait in the next collective
-            result, failure, exc = None, (self.info.rank, is_disk_full(e, self.dir), _one_line(e)), e
+            kind = _failure_kind(e, self.dir)
+            text = str(e) if kind == "lease_lost" else _one_line(e)  # the lease's message, word for word
+            result, failure, exc = None, (self.info.rank, kind, text), e
         outcomes = all_gather_objects((result, failure))
         failures = [f for _, f in outcomes if f is not None]
         if failures:
@@ -269,8 +304,12 @@ class Checkpointer:
         """Every rank raises the same error. On a full disk rank 0 first removes the unfinished step
         directory (marker first, so it is never mistaken for a checkpoint; it frees the space it took)
         unless `latest` already names it: then it is complete and stays the newest. Other failures
-        leave it for inspection; resume skips it and the next save or prune deletes it."""
-        disk_full = any(full for _, full, _ in failures)
+        leave it for inspection; resume skips it and the next save or prune deletes it. A lost lease
+        changes nothing on disk: the directory is another job's now."""
+        lost = [text for _, kind, text in failures if kind == "lease_lost"]
+        if lost:
+            raise LeaseLostError(lost[0]) from exc
+        disk_full = any(kind == "disk_full" for _, kind, _ in failures)
         kept = None
         if self.info.rank == 0:
             if disk_full and not (read_latest_pointer(self.dir) == step_dir.name and is_complete(step_dir)):
