@@ -99,9 +99,6 @@ def fixes_that_fit(planner: Planner, plan: GpuPlan, world: int) -> list[dict[str
         candidates.append({"deepspeed.zero_stage": max(1, c.deepspeed.zero_stage), "deepspeed.offload_optimizer": True})
     fits = []
     for fix in candidates:
-        if fix.get("train.micro_batch_size"):  # found by the search above
-            fits.append(fix)
-            continue
         other = Planner(with_settings(c, fix), target=planner.target)
         if other.plan(world, plan.memory_bytes, find_max_micro_batch=False).fits:
             fits.append(fix)

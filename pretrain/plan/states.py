@@ -14,8 +14,8 @@ updating. The layouts mirror DeepSpeed 0.19:
   gradients of the whole parameters that overlap its slice, in one contiguous buffer; the step
   converts one group's slice to fp32 at a time.
 - ZeRO-3: every parameter split in ``ceil(numel / ranks)`` pieces; parameters at or below
-  ``stage3_param_persistence_threshold`` elements stay whole on every rank as well. The gradient
-  partitions and one reduce bucket are allocated once, at start-up; the step works through
+  ``stage3_param_persistence_threshold`` elements stay whole on every rank as well (when there
+  is more than one). The gradient partitions and one reduce bucket are allocated once, at start-up; the step works through
   sub-groups of at most ``sub_group_size`` elements.
 
 Scalars (optimizer step counters, the gradient norm, the overflow flag) are left out: a few
@@ -163,36 +163,38 @@ def _zero0(z: ZeroLayout, groups: list[list[int]], world: int) -> ModelStates:
                        buffers=0, backward_temp=0, step_temp=step, startup=startup, host=0)
 
 
-def zero12_partitions(numels: list[int], world: int) -> tuple[int, list[tuple[int, int]]]:
-    """One ZeRO-1/2 parameter group: (elements per rank's slice, and per rank the element count
-    of the whole parameters overlapping its slice, as (rank, count)). The flat buffer is padded
-    to a multiple of 2 x ranks (DeepSpeed's 4-byte all-gather alignment)."""
+def zero12_partitions(numels: list[int], world: int) -> tuple[int, list[int]]:
+    """One ZeRO-1/2 parameter group: (elements of each rank's slice, and per rank the elements of
+    gradient it holds after backward). The flat buffer is padded to a multiple of 2 x ranks
+    (DeepSpeed's 4-byte all-gather alignment). A rank holds the gradients of the whole parameters
+    overlapping its slice (get_partition_info: starting in it, or straddling its start) plus
+    zeros for the part of its slice past the last parameter."""
+    total = sum(numels)
     alignment = 2 * world
-    size = math.ceil(sum(numels) / alignment) * alignment // world
-    overlap = []
+    size = math.ceil(total / alignment) * alignment // world
+    held = []
     for r in range(world):
         start, end, offset, count = size * r, size * (r + 1), 0, 0
-        for n in numels:  # DeepSpeed's get_partition_info: a parameter starting in, or straddling the start of, the slice
+        for n in numels:
             if start <= offset < end or offset < start < offset + n:
                 count += n
             offset += n
-        overlap.append((r, count))
-    return size, overlap
+        held.append(count + size - (min(end, total) - min(start, total)))
+    return size, held
 
 
 def _zero12(z: ZeroLayout, groups: list[list[int]], world: int, rank: int | None) -> ModelStates:
     flat = steps = 0
     slices, per_rank = [], [0] * world
     for numels in groups:
-        size, overlap = zero12_partitions(numels, world)
+        size, held_by_rank = zero12_partitions(numels, world)
         flat += size * world
-        for r, count in overlap:
-            per_rank[r] += count
+        per_rank = [a + b for a, b in zip(per_rank, held_by_rank, strict=True)]
         slices.append(size)
         # The step converts one group's slice at a time: a flat copy in the parameter dtype, then fp32.
         steps = max(steps, size * (z.param_bytes + FP32), max(numels) * FP32)  # (fp32 norm of the largest gradient)
     n = sum(map(sum, groups))
-    held = (max(per_rank) if rank is None else per_rank[rank]) * z.param_bytes  # the rank's contiguous gradient buffer
+    held = (max(per_rank) if rank is None else per_rank[rank]) * z.param_bytes  # the rank's gradients after backward
     buckets = (2 if z.overlap_comm else 1) * z.reduce_bucket_size * z.param_bytes if z.contiguous_gradients else 0
     grads, backward = held, buckets
     if z.stage == 1 and not z.contiguous_gradients:
@@ -200,7 +202,7 @@ def _zero12(z: ZeroLayout, groups: list[list[int]], world: int, rank: int | None
     elif z.stage == 1 and z.grad_accum_steps > 1:
         # Before the accumulation boundary ZeRO-1 keeps whole gradients, and its reduce buckets
         # from the first backward on; the boundary's backward copies them into the rank's buffer.
-        grads, backward = n * z.param_bytes + buckets, held
+        grads, backward = max(n * z.param_bytes + buckets, held), held
     elif z.stage == 2 and z.grad_accum_steps > 1:
         backward += held  # the next micro-batch's partition, before it is added to the running sum
     master = sum(slices) * FP32
@@ -231,7 +233,9 @@ def zero3_sub_groups(numels: list[int], world: int, sub_group_size: int) -> list
 def _zero3(z: ZeroLayout, groups: list[list[int]], world: int) -> ModelStates:
     numels = [n for g in groups for n in g]
     part = sum(math.ceil(n / world) for n in numels)
-    persistent = sum(n for n in numels if n <= z.persistence_threshold)
+    # Persistent parameters stay whole (padded to a multiple of the ranks, as gathered) besides
+    # their partition; on one rank that is the same tensor.
+    persistent = sum(math.ceil(n / world) * world for n in numels if n <= z.persistence_threshold) if world > 1 else 0
     subs = [s for g in groups for s in zero3_sub_groups(g, world, z.sub_group_size)]
     params = (0 if z.offload_params else part * z.param_bytes) + persistent * z.param_bytes
     master = part * FP32

@@ -4,7 +4,7 @@ For every case (a list of config overrides, argv[2] as JSON) it builds the model
 exactly as training does, runs two optimizer steps and records, per rank, the bytes of all live
 tensor storages (parameters, their gradients, optimizer states, DeepSpeed's buffers) beyond
 those alive before the model was built: after every backward (gradients held) and after the
-last step (what stays). Storages of at most 8 bytes (scalars: step counters, norms, flags) are
+last step (what stays). Scalars (0-dim: step counters, norms, the loss) and boolean flags are
 left out, as the plan leaves them out. Writes OUT_DIR/rank<N>.json.
 """
 
@@ -30,9 +30,9 @@ def live_storages() -> dict:
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
             for t in (obj, obj._grad if obj.is_leaf else None):
-                if t is not None:
+                if t is not None and t.dim() > 0 and t.dtype != torch.bool:
                     s = t.untyped_storage()
-                    if s.data_ptr() and s.nbytes() > 8:
+                    if s.data_ptr():
                         out[s.data_ptr()] = s
     return out
 

@@ -26,9 +26,10 @@ from pretrain.plan.network import collectives
 from pretrain.plan.planner import GIB, Planner, check_bench, compute_time_s
 from pretrain.plan.states import UnplannableError, model_states, zero3_sub_groups, zero12_partitions
 
-# Odd sizes on purpose (vocabulary 301 unpadded, d_model 48): DeepSpeed pads and splits them.
-TINY = ["model.vocab_size=301", "model.vocab_multiple_of=1", "model.n_layers=2", "model.d_model=48", "model.n_heads=4",
-        "model.n_kv_heads=2", "model.max_seq_len=32", "data.seq_len=32", "train.micro_batch_size=2",
+# Odd sizes on purpose (vocabulary 301 unpadded, d_model 50, one key/value head): DeepSpeed pads
+# the parameter groups (84,650 and 15,300 elements) to multiples of 2 x ranks and splits them.
+TINY = ["model.vocab_size=301", "model.vocab_multiple_of=1", "model.n_layers=2", "model.d_model=50", "model.n_heads=5",
+        "model.n_kv_heads=1", "model.max_seq_len=32", "data.seq_len=32", "train.micro_batch_size=2",
         "deepspeed.reduce_bucket_size=5000", "deepspeed.allgather_bucket_size=5000",
         "deepspeed.stage3_prefetch_bucket_size=3000"]
 
@@ -45,9 +46,10 @@ def tiny(*overrides: str, world: int = 1):
 def test_zero12_slices_pad_to_twice_the_ranks_and_hold_every_overlapping_parameter():
     # 15 elements pad to 16 (4-byte alignment x 2 ranks): slices [0, 8) and [8, 16). Rank 0 holds
     # the gradients of the parameters starting in its slice (5 and 7 elements), rank 1 those of
-    # the one straddling its start (7) and the last (3).
-    assert zero12_partitions([5, 7, 3], 2) == (8, [(0, 12), (1, 10)])
-    assert zero12_partitions([5, 7, 3], 1) == (16, [(0, 15)])
+    # the one straddling its start (7), the last (3) and a zero for the padding element.
+    assert zero12_partitions([5, 7, 3], 2) == (8, [12, 11])
+    assert zero12_partitions([5, 7, 3], 1) == (16, [16])
+    assert zero12_partitions([3], 4) == (2, [3, 4, 2, 2])  # slices past the parameters: zeros
 
 
 def test_zero3_sub_groups_close_once_they_reach_the_sub_group_size():
@@ -219,7 +221,7 @@ def test_largest_micro_batch_fits_and_the_next_does_not():
 
 
 def test_peak_is_the_largest_phase_and_the_plan_shrinks_with_zero3_ranks():
-    planner = Planner(tiny("deepspeed.zero_stage=3"), target="cpu")
+    planner = Planner(tiny("deepspeed.zero_stage=3", "deepspeed.stage3_param_persistence_threshold=0"), target="cpu")
     one, eight = (planner.plan(n, 10 * GIB, find_max_micro_batch=False) for n in (1, 8))
     assert one.total_bytes == max(one.phases.values()) and one.fits
     assert eight.states.params < one.states.params and eight.states.optimizer < one.states.optimizer
