@@ -25,6 +25,7 @@ so for compiled models the activation figure is an upper bound (see the planner'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import weakref
@@ -63,9 +64,6 @@ class LiveBytes(TorchDispatchMode):
         """Storages that existed before (parameters): views of them are not new memory."""
         for t in tensors:
             self._known.add(t.untyped_storage()._cdata)
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -154,7 +152,7 @@ def trace(model_cfg: ModelConfig, micro_batch: int, seq_len: int, param_dtype: t
         positions = torch.arange(seq_len).expand(micro_batch, seq_len) if cfg.reset_positions else None
         tracker = LiveBytes(granularity)
         tracker.ignore(params)
-        tracker.ignore(t for t in _tensors_of(model) if t is not None)
+        tracker.ignore(_tensors_of(model))
         with tracker, _autocast(autocast_dtype):
             loss = model(input_ids=ids, labels=ids, position_ids=positions)
             loss.backward()
@@ -196,21 +194,16 @@ def _rounded(t: torch.Tensor, granularity: int) -> int:
     return -(-t.untyped_storage().nbytes() // granularity) * granularity
 
 
-class _default_dtype:  # noqa: N801 - a context manager used like a function
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
     """Build parameters in ``dtype``, as DeepSpeed's cast of the module leaves them."""
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-
-    def __enter__(self):
-        self.before = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-
-    def __exit__(self, *exc):
-        torch.set_default_dtype(self.before)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
-def _autocast(dtype):
-    import contextlib
-
+def _autocast(dtype: torch.dtype | None):
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
