@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# `make bench-gpu`: the whole one-GPU check of issue 12 in one run, at most ~8 minutes.
+# `make bench-gpu`: the whole one-GPU check in one run, at most ~9 minutes.
 #   1. `make test-gpu` (the CUDA tests)                                      timeout  80 s
 #   2. model step vs nanoGPT's whole-model compile, 125M, 16 x 1024 tokens  timeout  75 s
 #   3. trainer benches: 125M (gpu_125m), 1B seq 2048 ZeRO-1 (gpu_1b),
 #      7B ZeRO-3 + activation checkpointing (gpu_7b)                         timeout 80/95/150 s
+#   4. `pretrain plan` of the same three configs at one GPU of this GPU's memory (CPU only):
+#      the table puts each predicted peak beside the bench's measured peak   timeout 3 x 90 s
 # Each part is bounded with `timeout` and a failure does not stop the others; the table at the
 # end (also runs/bench-gpu/BENCH_GPU.md) says which part failed or timed out. Full logs and
 # each part's JSON sit in runs/bench-gpu/.
@@ -26,19 +28,21 @@ if [[ -z "${BENCH_GPU_DATA:-}" ]]; then  # the trainer benches read the demo cor
 fi
 
 if [[ $DRY == 1 ]]; then  # tiny shapes on the CPU: checks the plumbing, not the speed
-  T_TEST=300 T_MODEL=300 T_125M=300 T_1B=300 T_7B=300  # generous: shared CI machines are slow
+  T_TEST=300 T_MODEL=300 T_125M=300 T_1B=300 T_7B=300 T_PLAN=300  # generous: shared CI machines are slow
   MODEL=(--device cpu --config configs/model/tiny.yaml --batch 1 --seq 32 --warmup 1 --steps 2
          --variants nanogpt_autocast,bf16_master)
   TINY=(model.n_layers=2 model.d_model=64 model.n_heads=4 model.n_kv_heads=2 model.ffn_hidden=null model.vocab_size=1024
         model.max_seq_len=32 data.seq_len=32 data.num_workers=0 train.micro_batch_size=1 model.compile=false
         bench.warmup_steps=1 bench.steps=2 deepspeed.offload_optimizer=false)
   TESTS=(--collect-only -q)
+  GPU_GIB=80  # the plan is of a GPU either way; in a dry run its peak is not comparable with the CPU's RSS
 else
-  T_TEST=80 T_MODEL=75 T_125M=80 T_1B=95 T_7B=150  # 480 s in all
+  T_TEST=80 T_MODEL=75 T_125M=80 T_1B=95 T_7B=150 T_PLAN=90  # 750 s at most, ~540 s in practice
   MODEL=(--device cuda --config configs/model/125m.yaml --batch 16 --seq 1024 --warmup 3 --steps 10
          --variants nanogpt_compile,bf16_master_compile model.vocab_size=4096 model.max_seq_len=1024)
   TINY=()
   TESTS=(-q)
+  GPU_GIB=$("$PY" -c 'import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30)')
 fi
 
 declare -A STATUS
@@ -61,6 +65,10 @@ part model_vs_nanogpt "$T_MODEL" "$PY" -m pretrain.bench.model "${MODEL[@]}"
 part trainer_125m "$T_125M" "$PY" -m pretrain bench configs/bench/gpu_125m.yaml "${DATA[@]}" "${TINY[@]}"
 part trainer_1b "$T_1B" "$PY" -m pretrain bench configs/bench/gpu_1b.yaml "${DATA[@]}" "${TINY[@]}"
 part trainer_7b "$T_7B" "$PY" -m pretrain bench configs/bench/gpu_7b.yaml "${DATA[@]}" "${TINY[@]}"
+for size in 125m 1b 7b; do
+  part "plan_$size" "$T_PLAN" "$PY" -m pretrain plan "configs/bench/gpu_$size.yaml" "${DATA[@]}" "${TINY[@]}" \
+    --gpus 1 --gpu-memory-gib "$GPU_GIB"
+done
 
 for name in "${!STATUS[@]}"; do echo "$name=${STATUS[$name]}"; done > "$OUT/status.txt"
 "$PY" - "$OUT" <<'PYEOF'
@@ -77,23 +85,31 @@ def load(name):
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
-rows = ["| part | tokens/s | MFU | peak memory GiB | loader wait | step s | status |", "|---|---|---|---|---|---|---|"]
+rows = ["| part | tokens/s | MFU | peak memory GiB | planned peak GiB | plan error | loader wait | step s | status |",
+        "|---|---|---|---|---|---|---|---|---|"]
 m = load("model_vs_nanogpt")
 for variant, tps in m.get("tokens_per_s", {}).items():
-    rows.append(f"| model step {variant} | {fmt(tps, ',.0f')} | {fmt(m['mfu'].get(variant), '.3f')} | - | - | - |"
+    rows.append(f"| model step {variant} | {fmt(tps, ',.0f')} | {fmt(m['mfu'].get(variant), '.3f')} | - | - | - | - | - |"
                 f" {status['model_vs_nanogpt']} |")
 if not m:
-    rows.append(f"| model step vs nanoGPT | - | - | - | - | - | {status['model_vs_nanogpt']} |")
-for name in ("trainer_125m", "trainer_1b", "trainer_7b"):
-    r = load(name)
+    rows.append(f"| model step vs nanoGPT | - | - | - | - | - | - | - | {status['model_vs_nanogpt']} |")
+for size in ("125m", "1b", "7b"):
+    name, r, plan = f"trainer_{size}", load(f"trainer_{size}"), load(f"plan_{size}")
     mem = r.get("memory_bytes")
+    planned = plan["plans"][0]["total_bytes"] if plan.get("plans") else None
+    error = (planned - mem) / mem if planned and mem else None
+    plan_status = "" if status[f"plan_{size}"] == "ok" else f" (plan {status[f'plan_{size}']})"
     rows.append(f"| {name} | {fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('mfu'), '.3f')} |"
-                f" {fmt(mem / 2**30 if mem else None, '.1f')} | {fmt(r.get('loader_wait_frac'), '.4f')} |"
-                f" {fmt(r.get('step_time_s_median'), '.3f')} | {status[name]} |")
+                f" {fmt(mem / 2**30 if mem else None, '.1f')} | {fmt(planned / 2**30 if planned else None, '.1f')} |"
+                f" {fmt(error, '+.1%')} | {fmt(r.get('loader_wait_frac'), '.4f')} |"
+                f" {fmt(r.get('step_time_s_median'), '.3f')} | {status[name]}{plan_status} |")
 base = m.get("tokens_per_s", {}).get(m.get("nanogpt_baseline"))
 t125 = load("trainer_125m").get("tokens_per_s")
 verdict = f"trainer 125M / nanoGPT {m.get('nanogpt_baseline')}: {t125 / base:.2f}x (bar 1.0x)" if base and t125 else ""
-table = "\n".join([f"test-gpu: {status['test_gpu']}", "", *rows, "", verdict])
+on_gpu = any(load(f"trainer_{size}").get("device", "").startswith("cuda") for size in ("125m", "1b", "7b"))
+plan_note = ("plan error = (planned - measured) / measured peak (bar: within 15%)" if on_gpu
+             else "plan error: a dry run's peak memory is the CPU process RSS, not comparable with a GPU plan")
+table = "\n".join([f"test-gpu: {status['test_gpu']}", "", *rows, "", verdict, plan_note])
 (out / "BENCH_GPU.md").write_text(table + "\n")
 print(table)
 PYEOF

@@ -257,6 +257,8 @@ class TrainConfig:
     progress_bar: bool = fld(True, "Show a progress bar on rank 0.")
     hang_timeout_s: float = fld(1800.0, "Hang watchdog: no optimizer step completed for this long (start-up, first step, evaluation and saves not counted) -> every rank writes its Python stacks to RUN_DIR/hang/rank_NNNNN.txt and exits with status 4 (0 = off). Keep it below train.collective_timeout_s.", ge=0)
     collective_timeout_s: float = fld(2400.0, "Timeout of a collective (all-reduce, barrier) before torch.distributed fails it.", gt=0)
+    ignore_memory_plan: bool = fld(False, "Start even when the memory plan (what `pretrain plan` prints, checked at start-up before the engine is built) predicts that a rank's peak exceeds its device memory.")
+    device_memory_gib: float | None = fld(None, "Memory one rank may use, for the start-up memory check: null = the GPU's total memory; on CPU, where ranks share the host's memory with everything else, the check runs only when this is set.", gt=0)
 
 
 @dataclass

@@ -68,6 +68,7 @@ from pretrain.errors import LeaseLostError, UserError
 from pretrain.hang import HangWatchdog
 from pretrain.model import Transformer
 from pretrain.monitor import Monitor, Throughput, flops_and_peak, memory_bytes
+from pretrain.plan.check import check_memory_plan
 from pretrain.run_lease import RunLease, stop_process
 from pretrain.stopping import NonFinite, Stop, StopPolicy, StopSignals
 
@@ -286,6 +287,7 @@ def train(cfg: Config) -> int:
 
 
 def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextlib.ExitStack) -> int:
+    check_memory_plan(cfg)  # a config that cannot fit stops here, not with an out-of-memory error at step 1
     s = setup(cfg, held=held)
     cfg = s.cfg  # precision resolved for this device
     info, engine, t = s.info, s.engine, cfg.train

@@ -1,5 +1,6 @@
 """`make bench-gpu` (launch/bench_gpu.sh): its plumbing, on the CPU with BENCH_GPU_DRY=1."""
 
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ def test_bench_gpu_dry_run_runs_every_part_and_prints_one_table(tiny_data, tmp_p
                        text=True, timeout=1800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     status = dict(line.split("=", 1) for line in (out / "status.txt").read_text().splitlines())
-    assert status == dict.fromkeys(("test_gpu", "model_vs_nanogpt", "trainer_125m", "trainer_1b", "trainer_7b"), "ok")
+    parts = ("test_gpu", "model_vs_nanogpt", "trainer_125m", "trainer_1b", "trainer_7b", "plan_125m", "plan_1b", "plan_7b")
+    assert status == dict.fromkeys(parts, "ok")
     table = (out / "BENCH_GPU.md").read_text()
     assert table.strip() in p.stdout
     for row in ("model step nanogpt_autocast", "model step bf16_master", "trainer_125m", "trainer_1b", "trainer_7b"):
@@ -31,3 +33,8 @@ def test_bench_gpu_dry_run_runs_every_part_and_prints_one_table(tiny_data, tmp_p
         assert cells[1] != "-" and float(cells[1].replace(",", "")) > 0, line  # tokens/s from that part's JSON
         assert cells[-1] == "ok", line
     assert "trainer 125M / nanoGPT nanogpt_autocast" in table
+    for size in ("125m", "1b", "7b"):  # the planned peak beside the measured one comes from that config's plan
+        line = next(x for x in table.splitlines() if x.startswith(f"| trainer_{size} "))
+        planned = line.strip("|").split("|")[4].strip()
+        plan = json.loads((out / f"plan_{size}.json").read_text())
+        assert plan["plans"][0]["gpus"] == 1 and planned == f"{plan['plans'][0]['total_bytes'] / 2**30:.1f}", line
