@@ -269,7 +269,9 @@ def test_slurm_preemption_reaches_only_its_job_which_saves_and_resumes(tmp_path,
 
 
 def losses_or_empty(run_dir: Path) -> dict[int, float]:
+    """The losses logged so far; {} while the file is missing (the trainer not started yet) or ends in
+    a half-written line."""
     try:
         return losses(run_dir)
-    except (AssertionError, json.JSONDecodeError, KeyError):
+    except (FileNotFoundError, AssertionError, json.JSONDecodeError, KeyError):
         return {}
