@@ -416,7 +416,8 @@ def cross_field_problems(cfg: Config, world_size: int | None = None) -> list[str
     # Engine: deepspeed.extra adds keys; it must not fork a setting the config owns (checkpoints,
     # export and the optimizer are built from the config's value, not DeepSpeed's).
     owned = {"zero_optimization.stage": "deepspeed.zero_stage", "bf16.enabled": "train.precision",
-             "fp16.enabled": "train.precision", "gradient_clipping": "train.grad_clip",
+             "fp16.enabled": "train.precision", "torch_autocast": "train.precision",
+             "gradient_clipping": "train.grad_clip",
              "optimizer": "the optim section", "scheduler": "the optim section"}
     for key, owner in owned.items():
         head, _, leaf = key.partition(".")
