@@ -83,7 +83,7 @@ class ModelConfig:
     doc_masking: bool = fld(False, "Packed sequences: tokens attend only within their own document.")
     reset_positions: bool = fld(False, "Restart RoPE positions at every document boundary.")
     compile: bool = fld(False, "torch.compile each Transformer block (fuses RMSNorm, RoPE, SwiGLU; ~1.17x on the CPU bench shape, costs a one-time compile at start-up).")
-    activation_checkpointing: str = fld("none", "Recompute activations in backward.", choices=("none", "full", "every_n"))
+    activation_checkpointing: str = fld("none", "Recompute activations in backward: full = keep only each block's input; selective = also keep the matmul and fused-attention outputs and recompute only the cheap elementwise ops (norms, RoPE, SwiGLU, casts), for a fraction of full's recompute; every_n = full on every n-th block.", choices=("none", "full", "selective", "every_n"))
     checkpoint_every_n: int = fld(2, "With activation_checkpointing=every_n: checkpoint every n-th block.", ge=1)
     loss_chunk_size: int | None = fld(None, "Tokens per chunk of the fused linear + cross-entropy: only [chunk x vocab] logits exist at a time (0 = plain F.cross_entropy over full fp32 logits, the reference; null = 4096 on CUDA, 512 on CPU, the faster size measured on each).", ge=0)
 

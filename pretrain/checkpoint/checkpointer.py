@@ -59,6 +59,7 @@ from pretrain.checkpoint.state import TrainState, rng_state, set_rng_state
 from pretrain.checkpoint.weights import convert_to_universal
 from pretrain.config import Config, save_resolved, to_dict
 from pretrain.dist import DistInfo, all_gather_objects, barrier, broadcast_flag, broadcast_object
+from pretrain.engine import precision_path
 from pretrain.errors import DiskFullError, is_disk_full
 from pretrain.faults import fault_point
 from pretrain.fileio import fsync_dir
@@ -265,6 +266,7 @@ class Checkpointer:
             world_size=world,
             zero_stage=self.cfg.deepspeed.zero_stage,
             precision=self.cfg.train.precision,
+            param_dtype=precision_path(self.cfg).params,
             model=to_dict(self.cfg)["model"],
             tokenizer=tok,
             tokenizer_source=str(Path(self.tokenizer_path).resolve()) if self.tokenizer_path else None,
@@ -311,7 +313,7 @@ class Checkpointer:
         check_same_model(step_dir, meta["model"], to_dict(self.cfg)["model"])
         per_rank = read_rank_files(step_dir, int(meta["world_size"]))
         plan = plan_resume(step_dir, meta, [r["loader"] for r in per_rank], self.info.world_size,
-                           self.cfg.deepspeed.zero_stage, self.cfg.data.num_workers)
+                           self.cfg.deepspeed.zero_stage, self.cfg.data.num_workers, precision_path(self.cfg).params)
         if plan.universal:
             self._ensure_universal(plan)
         self._load_engine(plan)
