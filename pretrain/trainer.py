@@ -304,16 +304,16 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
             watchdog.beat()
             state.step, state.tokens_seen = step, state.tokens_seen + s.tokens_per_step
             meter.update(s.tokens_per_step, time.perf_counter() - t0, wait)
+            report_now = None  # read only where a log line or a decision needs the counts
+            if logging or any(agreed) or policy.limit(state):
+                report = report_now = _read_stats(stats, state, skipped_before, step)
+            stop = policy.after_step(agreed, report_now.longest_nonfinite_run if report_now else 0)
+            _log_step(s, monitor, meter, state, report_now if logging else None, lr,
+                      bar_loss=report.loss if report else None)
             saving = checkpointer.due(step)
-            longest_nonfinite = 0  # unknown until read: a run of them stops the run at the next read
-            if logging or saving or any(agreed) or policy.limit(state):
-                report = stats.read()  # the one host sync: logging steps and decisions only
-                state.skipped_steps = skipped_before + report.skipped_steps
-                longest_nonfinite = report.longest_nonfinite_run
-                _warn_nonfinite(report, step)
-            stop = policy.after_step(agreed, longest_nonfinite)
-
-            _log_step(s, monitor, meter, state, report if logging else None, lr)
+            if saving and report_now is None:  # the checkpoint records the skipped steps: count them first
+                report = report_now = _read_stats(stats, state, skipped_before, step)
+                stop = policy.after_step(agreed, report_now.longest_nonfinite_run)
             evaluating = bool(t.eval_every) and step % t.eval_every == 0 and not (stop and stop.preempted)
             with watchdog.paused():
                 if evaluating:
@@ -325,8 +325,7 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
             stop = stop or policy.limit(state)
         agreement.close()
         if stats.steps_unread:  # a stop right after an evaluation: count its steps before the save
-            report = stats.read()
-            state.skipped_steps = skipped_before + report.skipped_steps
+            _read_stats(stats, state, skipped_before, state.step)
 
         watchdog.stop()  # the final evaluation and save are not steps
         # A final evaluation on a normal end (not on preemption: the grace period is short).
@@ -346,19 +345,23 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
     return stop.exit_code
 
 
-def _warn_nonfinite(report: StepReport, step: int) -> None:
+def _read_stats(stats: StepStats, state, skipped_before: int, step: int) -> StepReport:
+    """Read the step statistics (a host sync), update the train state's skip count, warn."""
+    report = stats.read()
+    state.skipped_steps = skipped_before + report.skipped_steps
     if report.longest_nonfinite_run:
         log.warning("up to step %d: non-finite loss or gradient norm, update(s) skipped (longest run %d, %d in a "
                     "row now, %d skipped in all)", step, report.longest_nonfinite_run, report.nonfinite_in_a_row,
-                    report.skipped_steps)
+                    state.skipped_steps)
+    return report
 
 
-def _log_step(s: Session, monitor, meter, state, report: StepReport | None, lr) -> None:
-    """Progress bar every step (with the last loss read); metrics when ``report`` is given (every
-    train.log_every steps)."""
+def _log_step(s: Session, monitor, meter, state, report: StepReport | None, lr, bar_loss: float | None) -> None:
+    """Progress bar every step (with the last loss read, ``bar_loss``); metrics when ``report`` is
+    given (every train.log_every steps)."""
     step, engine = state.step, s.engine
     perf = meter.summary()  # the window so far: the bar shows a rate on every step
-    monitor.progress(step, None if report is None else report.loss, perf.get("tokens_per_s"), perf.get("mfu"))
+    monitor.progress(step, bar_loss, perf.get("tokens_per_s"), perf.get("mfu"))
     if report is None:
         return
     monitor.log_train(step, {

@@ -230,14 +230,15 @@ def test_progress_bar_shows_throughput_between_metric_logs():
     for step in (1, 2, 3):
         meter.update(global_tokens=1000, step_time=0.5, wait_time=0.0)
         state = SimpleNamespace(step=step, tokens_seen=1000 * step, skipped_steps=0)
-        _log_step(session, monitor, meter, state, None, None)
+        _log_step(session, monitor, meter, state, None, None, bar_loss=None)
     assert [(b[0], b[1], b[2], b[3]) for b in bar] == [(s, None, pytest.approx(2000.0), pytest.approx(0.2)) for s in (1, 2, 3)]
     assert logged == []  # metrics only every log_every steps
     report = StepReport(loss=2.5, grad_norm=1.0, skipped_steps=0, nonfinite_in_a_row=0, longest_nonfinite_run=0,
                         applied_nonfinite=0)
     session.engine = SimpleNamespace(fp16_enabled=lambda: False)
     session.info = SimpleNamespace(device="cpu")
-    _log_step(session, monitor, meter, SimpleNamespace(step=10, tokens_seen=10_000, skipped_steps=0), report, 1e-3)
+    _log_step(session, monitor, meter, SimpleNamespace(step=10, tokens_seen=10_000, skipped_steps=0), report, 1e-3,
+              bar_loss=report.loss)
     assert bar[-1][1] == 2.5 and logged[0][0] == 10 and logged[0][1]["train/loss"] == 2.5
 
 
