@@ -93,12 +93,11 @@ def precision_path(cfg: Config) -> PrecisionPath:
         raise ValueError(f"train.precision={precision!r} must be resolved first (pretrain.engine.resolve_precision)")
     sharded = ((), ("optimizer",), ("optimizer", "grads"), ("optimizer", "grads", "params"))[stage]
     offloaded = tuple(k for k, on in (("optimizer", ds.offload_optimizer), ("params", ds.offload_params)) if on)
-    device_step = precision != "fp16" and stage <= 2 and not ds.offload_optimizer
+    step = "device" if precision != "fp16" and stage <= 2 and not ds.offload_optimizer else "deepspeed"
     if stage == 0 and precision != "fp16":
-        return PrecisionPath("fp32", "bf16" if precision == "bf16" else None, "fp32", None, "fp32", sharded,
-                             offloaded, "device")
-    return PrecisionPath(precision, None, precision, "fp32", "fp32", sharded, offloaded,
-                         "device" if device_step else "deepspeed")
+        autocast = "bf16" if precision == "bf16" else None
+        return PrecisionPath("fp32", autocast, "fp32", None, "fp32", sharded, offloaded, step)
+    return PrecisionPath(precision, None, precision, "fp32", "fp32", sharded, offloaded, step)
 
 
 def deepspeed_config(cfg: Config, dp_world: int, on_cuda: bool = False) -> dict:
