@@ -60,7 +60,7 @@ class RunConfig:
     seed: int = fld(1337, "Global seed (model init, data shuffling, sampling).", ge=0)
     log_level: str = fld("info", "Log level on global rank 0.", choices=("debug", "info", "warning", "error"))
     log_all_ranks: bool = fld(False, "Log at run.log_level on every rank, not only warnings on ranks > 0.")
-    lease_heartbeat_s: float = fld(10.0, "Seconds between refreshes of the run directory's lease (RUN_DIR/.lease.json) by global rank 0.", gt=0)
+    lease_heartbeat_s: float = fld(10.0, "Seconds between heartbeats of the run directory's lease (RUN_DIR/.lease/gen-NNNNNN, by global rank 0; the scrub's too). Each heartbeat first checks that no other job took the lease over; a job that lost it stops every rank with exit status 6.", gt=0)
     lease_stale_s: float = fld(120.0, "A lease whose heartbeat is older than this (or whose process is gone, same host) is taken over; a live one makes a second job exit 2. Must exceed run.lease_heartbeat_s.", gt=0)
 
 
@@ -209,8 +209,8 @@ class PIIConfig:
     replacement: str = fld("placeholder", "placeholder: one special token per type (data_pipelines/scrub/filters/pii_types.py); pseudonym: a keyed HMAC-SHA256 tag per value (type + 8 hex digits), the same value giving the same tag corpus-wide.", choices=("placeholder", "pseudonym"))
     secret_env: str = fld("PII_HMAC_SECRET", "Environment variable holding the pseudonym key (never written anywhere).")
     redact_private_ips: bool = fld(False, "Also redact private IP ranges (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7). Loopback, unspecified, link-local, multicast and documentation addresses are always kept; all other addresses, reserved or unassigned space included, are always redacted.")
-    phone_regions: list[str] = fld(["US", "GB", "DE", "FR", "IN"], "Regions tried for national-format phone numbers without a cue word (numbers with + or 00 are checked for every country).")
-    phone_cues: bool = fld(True, "After a phone cue word (Tel, phone, mobile, fax, call me on, ... in 20+ languages) accept any plausible digit run as a phone: local 6-9 digit numbers, national numbers of any region, a country code without +.")
+    phone_regions: list[str] = fld(["US", "GB", "DE", "FR", "IN"], "Regions tried for national-format phone numbers without a cue word, besides the regions the document itself names near the number (a +CC number, an address under a country domain); numbers with + or 00 are checked for every country.")
+    phone_cues: bool = fld(True, "Where the text says phone (a cue word before the number, a label after it or on the line above, a spoken 'call me back on ...', in 24 languages) accept any plausible digit run as a phone: local 6-9 digit numbers, national numbers of any region, a country code without +, a number broken across lines. A reference word right before the number (invoice, order, account) always wins.")
     engine: str = fld("auto", "Candidate scan: hyperscan (one pass, x86), re (per-type compiled regex), auto = hyperscan when installed.", choices=("auto", "hyperscan", "re"))
 
 
@@ -257,6 +257,8 @@ class TrainConfig:
     progress_bar: bool = fld(True, "Show a progress bar on rank 0.")
     hang_timeout_s: float = fld(1800.0, "Hang watchdog: no optimizer step completed for this long (start-up, first step, evaluation and saves not counted) -> every rank writes its Python stacks to RUN_DIR/hang/rank_NNNNN.txt and exits with status 4 (0 = off). Keep it below train.collective_timeout_s.", ge=0)
     collective_timeout_s: float = fld(2400.0, "Timeout of a collective (all-reduce, barrier) before torch.distributed fails it.", gt=0)
+    ignore_memory_plan: bool = fld(False, "Start even when the memory plan (what `pretrain plan` prints, checked at start-up before the engine is built) predicts that a rank's peak exceeds its device memory.")
+    device_memory_gib: float | None = fld(None, "Memory one rank may use, for the start-up memory check: null = the GPU's total memory; on CPU, where ranks share the host's memory with everything else, the check runs only when this is set.", gt=0)
 
 
 @dataclass
@@ -290,6 +292,12 @@ class DeepSpeedConfig:
     extra: dict[str, Any] = fld({}, "Passthrough: merged last into the generated DeepSpeed config (advanced keys).")
 
 
+# Run-defining settings a resume refuses to change unless checkpoint.allow_changes names them (a
+# deliberate change, such as a vocabulary surgery). The schema owns the list so validation needs
+# no import from the resume planner (pretrain/checkpoint/plan.py), which says why for each.
+RESUME_ALLOWABLE: tuple[str, ...] = ("data.tokenizer", "data.val_fraction", "model.rope_theta", "model.norm_eps")
+
+
 @dataclass
 class CheckpointConfig:
     dir: str = fld("${run.dir}/checkpoints", "Checkpoint directory.")
@@ -300,6 +308,7 @@ class CheckpointConfig:
     resume: str = fld("auto", "auto: newest complete checkpoint in checkpoint.dir; never: start fresh; or a checkpoint path.")
     overwrite: bool = fld(False, "resume=never: start over an existing run (deleting its checkpoints); resume=PATH: delete the checkpoints in checkpoint.dir later than PATH.")
     save_on_exit: bool = fld(True, "Save when stopping on a signal, the time budget or max_steps.")
+    allow_changes: list[str] = fld([], "Resume even though these run-defining settings differ from the checkpoint's (a deliberate change, logged), e.g. [data.tokenizer] for a vocabulary surgery; any of: " + ", ".join(RESUME_ALLOWABLE) + ". The tokenizer is compared by content, so a moved or re-saved file is no change.")
 
 
 @dataclass
@@ -409,6 +418,10 @@ def cross_field_problems(cfg: Config, world_size: int | None = None) -> list[str
     names = [s.name for s in d.sources]
     for name in sorted({n for n in names if names.count(n) > 1}):
         p.append(f"data.sources: the name '{name}' is used by sources {[i for i, n in enumerate(names) if n == name]}; names must be unique (loader state and pretokenized shards are keyed by name)")
+    unknown_allow = [k for k in cfg.checkpoint.allow_changes if k not in RESUME_ALLOWABLE]
+    if unknown_allow:
+        p.append(f"checkpoint.allow_changes: {', '.join(unknown_allow)} cannot be allowed; the settings a resume "
+                 f"may be told to accept are: {', '.join(RESUME_ALLOWABLE)}")
     # PII rules.
     unknown_pii = [x for x in cfg.scrub.pii.types if x not in PII_TYPES]
     if unknown_pii:

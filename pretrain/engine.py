@@ -281,12 +281,18 @@ def schedule_horizon(cfg: Config, dp_world: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def builds_partitioned(cfg: Config) -> bool:
+    """ZeRO-3 with ``deepspeed.zero3_init``: the model is built inside ``deepspeed.zero.Init``
+    (which also creates the model's other floating-point tensors in the engine's dtype)."""
+    return cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.zero3_init
+
+
 def model_init_context(cfg: Config, info) -> contextlib.AbstractContextManager:
     """Where to build the model: under ZeRO-3 (with ``deepspeed.zero3_init``) inside
     ``deepspeed.zero.Init``, which partitions each module's parameters as soon as it is built, so
     a model larger than one device (or one host's memory, counted over its ranks) can be built at
     all; otherwise a no-op."""
-    if cfg.deepspeed.zero_stage != 3 or not cfg.deepspeed.zero3_init:
+    if not builds_partitioned(cfg):
         return contextlib.nullcontext()
     import deepspeed
 

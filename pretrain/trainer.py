@@ -6,7 +6,8 @@ Layout, top to bottom::
     train(cfg)                 signals -> setup -> resume -> monitor -> loop -> final save -> status
       loop:  run_step          micro-batches (from the Prefetcher thread) through forward /
                                backward / engine.step, then StepStats.record: no host sync
-             LateAgreement     stop requests (signal, time budget) OR-ed over ranks, one step late
+             LateAgreement     stop requests (signal, time budget, rank 0 found the run
+                               directory's lease lost) OR-ed over ranks, one step late
              StepStats.read    loss, skipped / non-finite steps: the one host sync, on logging
                                steps and before a decision that needs them (a save, a stop)
              StopPolicy        every reason to stop, in one place (pretrain/stopping.py)
@@ -29,7 +30,9 @@ step finishes, the run saves and exits 0 so SLURM can requeue it), 3 after
 time: a diverged run must not be requeued), 4 when the hang watchdog fired (pretrain/hang.py; nothing
 is saved), 2 when another job holds the run directory's lease (pretrain/run_lease.py), 5 when a
 checkpoint save ran out of disk space (pretrain/checkpoint/checkpointer.py; not worth a blind
-requeue), 1 on an exception (wandb marks the run failed).
+requeue), 6 when another job took the run directory's lease over while this one ran (every rank
+stops at once, writing nothing more; do not requeue: the directory is the other job's now), 1 on an
+exception (wandb marks the run failed).
 
 Test hook: ``PRETRAIN_INJECT_NAN_STEPS=5,6`` multiplies global rank 0's loss by NaN at those
 (1-based) steps; the NaN reaches every rank through the gradient all-reduce, exactly like a real
@@ -56,7 +59,13 @@ import torch.distributed as dist
 from data_pipelines.loaders import Prefetcher, build_train_loader, build_val_loader, load_tokenizer
 from pretrain.checkpoint import Checkpointer, TrainState
 from pretrain.config import Config, save_resolved
-from pretrain.dist import LateAgreement, broadcast_flag, init_distributed, select_accelerator
+from pretrain.dist import (
+    LateAgreement,
+    broadcast_flag,
+    broadcast_object,
+    init_distributed,
+    select_accelerator,
+)
 from pretrain.engine import (
     build_engine,
     check_device_support,
@@ -67,11 +76,12 @@ from pretrain.engine import (
     schedule_horizon,
     step_outcome,
 )
-from pretrain.errors import UserError
+from pretrain.errors import LeaseLostError, UserError
 from pretrain.hang import HangWatchdog
 from pretrain.model import Transformer
 from pretrain.monitor import Monitor, Throughput, flops_and_peak, memory_bytes
-from pretrain.run_lease import RunLease
+from pretrain.plan.check import check_memory_plan
+from pretrain.run_lease import RunLease, stop_process
 from pretrain.stepstats import StepReport, StepStats
 from pretrain.stopping import Stop, StopPolicy, StopSignals
 
@@ -160,12 +170,24 @@ def take_lease(cfg: Config, info) -> RunLease | None:
     return lease
 
 
+def lease_lost_here(s: Session) -> bool:
+    """This rank's view: the lease's holder (global rank 0) found it lost (heartbeat or a writer)."""
+    return s.lease is not None and s.lease.lost is not None
+
+
+def lost_lease_everywhere(s: Session) -> LeaseLostError:
+    """Collective, once every rank agreed the lease is lost: rank 0's message naming the new owner."""
+    return LeaseLostError(broadcast_object(str(s.lease.lost) if s.lease else None))
+
+
 def _load_tokenizer(cfg: Config):
-    """The tokenizer, loaded once and shared by both loaders (None in pretokenized mode without one)."""
+    """The tokenizer, loaded once and shared by both loaders (None in pretokenized mode without one),
+    and its file (data.tokenizer may name the directory holding it)."""
     path = cfg.data.tokenizer
     if cfg.data.mode == "pretokenized" and not Path(path).is_file():
         return None, None
-    return load_tokenizer(path), str(path)
+    tokenizer = load_tokenizer(path)
+    return tokenizer, tokenizer.source_path
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,14 +282,18 @@ def train(cfg: Config) -> int:
     nan_steps = _nan_steps()  # a malformed test hook fails before any set-up
     # Signals first (a preemption during set-up still saves); the lease is released on every way out.
     with StopSignals() as signals, contextlib.ExitStack() as held:
-        return _train(cfg, StopPolicy(cfg.train, signals, started), nan_steps, held)
+        try:
+            return _train(cfg, StopPolicy(cfg.train, signals, started), nan_steps, held)
+        except LeaseLostError as lost:  # every rank, at the same step or save phase
+            stop_process(lost)
 
 
 def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextlib.ExitStack) -> int:
+    check_memory_plan(cfg)  # a config that cannot fit stops here, not with an out-of-memory error at step 1
     s = setup(cfg, held=held)
     cfg = s.cfg  # precision resolved for this device
     info, engine, t = s.info, s.engine, cfg.train
-    checkpointer = Checkpointer(cfg, engine, info, s.tokenizer_path)
+    checkpointer = Checkpointer(cfg, engine, info, s.tokenizer_path, lease=s.lease)
     state = TrainState()
     resumed = checkpointer.resume()  # before wandb: the wandb run id lives in the checkpoint
     if resumed is not None:
@@ -276,7 +302,8 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
             s.loader.load_state_dict(loader_state)
         log.info("resumed at step %d (%d tokens seen)", state.step, state.tokens_seen)
 
-    monitor = Monitor(cfg, info.rank, s.run_dir, state.step, state.wandb_run_id, schedule_horizon(cfg, info.world_size))
+    monitor = Monitor(cfg, info.rank, s.run_dir, state.step, state.wandb_run_id, schedule_horizon(cfg, info.world_size),
+                      may_write=s.lease.still_ours if s.lease else None)
     state.wandb_run_id = monitor.wandb_run_id or state.wandb_run_id
     flops_per_token, peak = flops_and_peak(cfg, info.device)
     meter = Throughput(flops_per_token, peak, info.world_size)
@@ -284,7 +311,7 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
 
     batches = Prefetcher(s.loader, depth=max(2, cfg.data.prefetch))
     stats = StepStats(t.precision, info.device, info.world_size)
-    agreement = LateAgreement(len(policy.requests()), t.collective_timeout_s)
+    agreement = LateAgreement(len(policy.requests()) + 1, t.collective_timeout_s)  # + the lease
     skipped_before = state.skipped_steps  # a resumed run's; the stats count this run's
     report: StepReport | None = None
     # Armed by the first step's beat: start-up, resume and compilation never count as a hang.
@@ -300,7 +327,11 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
             logging = step % t.log_every == 0
             lr = engine.lr_scheduler.current() if logging else None  # the rate this step's update uses
             wait = run_step(s, batches, stats, inject_nan=step in nan_steps and info.rank == 0)
-            agreed = agreement.exchange(policy.requests())  # the previous step's, see LateAgreement
+            # The previous step's requests, agreed by every rank (see LateAgreement).
+            *agreed, lease_lost = agreement.exchange((*policy.requests(), lease_lost_here(s)))
+            agreed = tuple(agreed)
+            if lease_lost:  # nothing more is written: no metrics, no evaluation, no checkpoint
+                raise lost_lease_everywhere(s)
             watchdog.beat()
             state.step, state.tokens_seen = step, state.tokens_seen + s.tokens_per_step
             meter.update(s.tokens_per_step, time.perf_counter() - t0, wait)
@@ -321,7 +352,10 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
                 if saving:
                     checkpointer.save(state, batches.state)
             if (evaluating or saving) and stop is None:  # a signal that came meanwhile stops here
-                stop = policy.after_pause(agreement.now(policy.requests())[0])
+                signalled, *_, lease_lost = agreement.now((*policy.requests(), lease_lost_here(s)))
+                if lease_lost:
+                    raise lost_lease_everywhere(s)
+                stop = policy.after_pause(signalled)
             stop = stop or policy.limit(state)
         agreement.close()
         if stats.steps_unread:  # a stop right after an evaluation: count its steps before the save

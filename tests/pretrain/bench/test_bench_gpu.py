@@ -11,7 +11,8 @@ from _trainer_helpers import (
     tiny_data_fixture,  # noqa: F401 - registers the tiny_data fixture
 )
 
-PARTS = ("test_gpu", "model_vs_nanogpt", "trainer_125m_nomask", "trainer_125m", "trainer_1b", "trainer_7b")
+PARTS = ("test_gpu", "model_vs_nanogpt", "trainer_125m_nomask", "trainer_125m", "trainer_1b", "trainer_7b",
+         "plan_125m", "plan_1b", "plan_7b")
 
 
 @pytest.mark.slow
@@ -26,18 +27,25 @@ def test_bench_gpu_dry_run_runs_every_part_and_prints_one_table(tiny_data, tmp_p
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     status = dict(line.split("=", 1) for line in (out / "status.txt").read_text().splitlines())
     assert status == dict.fromkeys(PARTS, "ok")
+    seconds = dict(line.split("=", 1) for line in (out / "seconds.txt").read_text().splitlines())
+    assert set(seconds) == set(PARTS) and all(int(v) >= 0 for v in seconds.values())
     table = (out / "BENCH_GPU.md").read_text()
     assert table.strip() in p.stdout
-    for row in ("model step nanogpt_autocast", "model step bf16_master", *PARTS[2:]):
+    for row in ("model step nanogpt_autocast", "model step bf16_master", "trainer_125m_nomask", "trainer_125m",
+                "trainer_1b", "trainer_7b"):
         line = next(x for x in table.splitlines() if x.startswith(f"| {row} "))
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[1] != "-" and float(cells[1].replace(",", "")) > 0, line  # tokens/s from that part's JSON
-        assert cells[-2] == "ok" and int(cells[-1]) >= 0, line
+        assert cells[-2] == "ok" and int(cells[-1]) >= 0, line  # status, then the part's seconds
     # nanoGPT has no document masking: the bar's row is the trainer without it, the other beside it.
     assert "trainer 125M without document masking / nanoGPT nanogpt_autocast" in table
     assert "trainer 125M with document masking / nanoGPT nanogpt_autocast" in table
-    nomask = json.loads((out / "trainer_125m_nomask.json").read_text())
-    assert nomask["steps"] == 2  # its own part ran (the JSON of a bench, not a copy of the masked one)
+    assert json.loads((out / "trainer_125m_nomask.json").read_text())["steps"] == 2  # its own bench ran
+    for size in ("125m", "1b", "7b"):  # the planned peak beside the measured one comes from that config's plan
+        line = next(x for x in table.splitlines() if x.startswith(f"| trainer_{size} "))
+        planned = line.strip("|").split("|")[4].strip()
+        plan = json.loads((out / f"plan_{size}.json").read_text())
+        assert plan["plans"][0]["gpus"] == 1 and planned == f"{plan['plans'][0]['total_bytes'] / 2**30:.1f}", line
 
 
 def test_bench_gpu_parts_share_one_budget_and_none_starts_without_time(tmp_path):
