@@ -35,7 +35,7 @@ import torch.distributed as dist
 from deepspeed.runtime.utils import all_gather_dp_groups
 from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
 
-from pretrain.optimizer import StepGuard
+from pretrain.optimizer import StepGuard, squared_norm
 
 
 class FlatZeroStep(DeepSpeedZeroOptimizer):
@@ -50,16 +50,20 @@ class FlatZeroStep(DeepSpeedZeroOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         self.micro_step_id = INITIAL_MICRO_STEP_ID
-        grads = [self._flat_grad_partition(i) for i in range(len(self.bit16_groups))]
-        squared = torch.stack([g.square().sum() for g in grads]).sum()  # one kernel per group
+        reduced = [self._reduced_partition(i) for i in range(len(self.bit16_groups))]
+        # The global norm: this rank's partitions (one multi-tensor kernel per group), summed over
+        # the ranks (the partitions are disjoint).
+        squares = [squared_norm(pieces) / divisor**2 for pieces, divisor in reduced if pieces]
+        squared = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64, device=self.device)
         dist.all_reduce(squared, group=self.dp_process_group)
         self.guard.set_squared_norm(squared)
         self._global_grad_norm = self.guard.norm
-        for i, grad in enumerate(grads):
+        for i, (pieces, divisor) in enumerate(reduced):  # one group's fp32 gradient at a time, as DeepSpeed
             master = self.single_partition_of_fp32_groups[i]
-            master.grad = grad
+            master.grad = self._fp32_gradient(i, pieces, divisor)
             self._optimizer_step(i)  # GuardedAdamW: divides by the clip divisor, skips on found_inf
             master.grad = None
+            self._release_gradients(i)
             rank = dist.get_rank(group=self.real_dp_process_group[i])
             self.parallel_partitioned_bit16_groups[i][rank].data.copy_(master.data)
         # The parameters are views into bit16_groups_flat (set up by DeepSpeed): the all-gather
@@ -70,23 +74,29 @@ class FlatZeroStep(DeepSpeedZeroOptimizer):
                              start_alignment_factor=self.nccl_start_alignment_factor,
                              allgather_bucket_size=self.allgather_bucket_size)
 
-    def _flat_grad_partition(self, i: int) -> torch.Tensor:
-        """This rank's reduced gradient partition of group ``i`` as one fp32 tensor; frees the rest
-        (DeepSpeed's step, lines for the non-offload path)."""
+    def _reduced_partition(self, i: int) -> tuple[list[torch.Tensor], int]:
+        """This rank's partition of group ``i``'s gradient, already reduced over the ranks, as
+        low-precision pieces, and what it must still be divided by (DeepSpeed has averaged it)."""
         self.free_grad_in_param_list(self.params_not_in_partition[i])
         flat = self._get_preflattened_grad_partition(i)
-        if flat is None:
-            group = self.real_dp_process_group[i]
-            if dist.get_rank(group=group) == dist.get_world_size(group=group) - 1:
-                flat = self.flatten_dense_tensors_aligned(self.averaged_gradients[i], int(self.partition_size[i]))
-            else:
-                flat = self.flatten(self.averaged_gradients[i])
-        grad = flat.to(self.single_partition_of_fp32_groups[i].dtype)
+        return ([flat] if flat is not None else list(self.averaged_gradients[i])), 1
+
+    def _fp32_gradient(self, i: int, pieces: list[torch.Tensor], divisor: int) -> torch.Tensor:
+        """Group ``i``'s partition as one flat fp32 tensor (DeepSpeed's flattening and padding)."""
+        group = self.real_dp_process_group[i]
+        if len(pieces) == 1 and pieces[0].numel() == self.partition_size[i]:
+            flat = pieces[0].view(-1)
+        elif dist.get_rank(group=group) == dist.get_world_size(group=group) - 1:
+            flat = self.flatten_dense_tensors_aligned(pieces, int(self.partition_size[i]))
+        else:
+            flat = self.flatten(pieces)
+        return flat.to(self.single_partition_of_fp32_groups[i].dtype)
+
+    def _release_gradients(self, i: int) -> None:
         self.free_grad_in_param_list(self.params_in_partition[i])
         self._release_preflattened_grad_buffers(i)
         self.averaged_gradients[i] = None
         self.all_grad_tensors[i] = None
-        return grad
 
 
 class FlatGradsZeroStep(FlatZeroStep):
@@ -127,22 +137,28 @@ class FlatGradsZeroStep(FlatZeroStep):
             flat.zero_()
         self._point_grads()  # repairs a .grad someone set to None
 
-    def _flat_grad_partition(self, i: int) -> torch.Tensor:
-        """This rank's partition of group ``i``'s gradient, summed over ranks and averaged, in fp32."""
+    def _reduced_partition(self, i: int) -> tuple[list[torch.Tensor], int]:
+        """This rank's slice of group ``i``'s flat gradient, summed over the ranks (one
+        reduce-scatter; an all-reduce on gloo, which has none): divide by the ranks."""
         group = self.real_dp_process_group[i]
         world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
         flat = self.flat_grads[i]
         size = flat.numel() // world
         if world == 1:
-            part = flat
-        elif dist.get_backend(group) == "nccl":
+            return [flat], 1
+        if dist.get_backend(group) == "nccl":
             part = torch.empty(size, dtype=flat.dtype, device=flat.device)
             dist.reduce_scatter_tensor(part, flat, group=group)
-        else:  # gloo has no reduce-scatter
-            dist.all_reduce(flat, group=group)
-            part = flat.narrow(0, rank * size, size)
-        grad = part.to(self.single_partition_of_fp32_groups[i].dtype)
-        return grad.div_(world) if world > 1 else grad
+            return [part], world
+        dist.all_reduce(flat, group=group)
+        return [flat.narrow(0, rank * size, size)], world
+
+    def _fp32_gradient(self, i: int, pieces: list[torch.Tensor], divisor: int) -> torch.Tensor:
+        grad = pieces[0].to(self.single_partition_of_fp32_groups[i].dtype)
+        return grad.div_(divisor) if divisor > 1 else grad
+
+    def _release_gradients(self, i: int) -> None:
+        pass  # the flat buffer stays: zero_grad zeroes it after the step
 
 
 def adopt(optimizer: DeepSpeedZeroOptimizer, guard: StepGuard) -> FlatZeroStep:
