@@ -360,6 +360,13 @@ def step_outcome(engine, guard, device: str):
             torch.as_tensor(norm, dtype=torch.float32).to(device))
 
 
+def grad_clip_of(engine) -> float | None:
+    """The gradient clip the engine applies: the device step's guard's, or DeepSpeed's own."""
+    opt = getattr(engine, "optimizer", None)
+    guard = getattr(opt, "guard", None)
+    return guard.grad_clip if guard is not None else getattr(opt, "clip_grad", None)
+
+
 def loss_scale(engine) -> float | None:
     """Current fp16 loss scale; None in bf16/fp32."""
     if not engine.fp16_enabled():

@@ -334,10 +334,11 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
                 raise lost_lease_everywhere(s)
             watchdog.beat()
             state.step, state.tokens_seen = step, state.tokens_seen + s.tokens_per_step
-            meter.update(s.tokens_per_step, time.perf_counter() - t0, wait)
             report_now = None  # read only where a log line or a decision needs the counts
             if logging or any(agreed) or policy.limit(state):
                 report = report_now = _read_stats(stats, state, skipped_before, step)
+            # After the read: its wait for the device is the time the steps since the last read took.
+            meter.update(s.tokens_per_step, time.perf_counter() - t0, wait)
             stop = policy.after_step(agreed, report_now.longest_nonfinite_run if report_now else 0)
             _log_step(s, monitor, meter, state, report_now if logging else None, lr,
                       bar_loss=report.loss if report else None)

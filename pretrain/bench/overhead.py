@@ -70,7 +70,7 @@ def overhead(cfg: Config, gc_freeze: bool = False) -> dict:
         raise SystemExit("bench_overhead runs on one process (it compares against single-process steps)")
     batches = Prefetcher(s.loader, depth=max(2, cfg.data.prefetch))
     stats = StepStats(t.precision, info.device, 1)
-    agreement = LateAgreement(2)
+    agreement = LateAgreement(3)
     meter = Throughput(0.0, None, 1)
     engine.train()
 
@@ -79,11 +79,11 @@ def overhead(cfg: Config, gc_freeze: bool = False) -> dict:
         logging = step % t.log_every == 0
         lr = engine.lr_scheduler.current() if logging else None
         wait = run_step(s, batches, stats)
-        agreement.exchange((False, False))
-        meter.update(s.tokens_per_step, time.perf_counter() - t0, wait)
+        agreement.exchange((False, False, False))  # signal, time budget, lease lost
         if logging:
             stats.read()
             float(lr)
+        meter.update(s.tokens_per_step, time.perf_counter() - t0, wait)
 
     variant = bare_variant(cfg)
     bare, _ = build_step(variant + ("_compile" if cfg.model.compile else ""), cfg.model, fused_adamw=True, device=info.device)

@@ -271,5 +271,5 @@ def test_slurm_preemption_reaches_only_its_job_which_saves_and_resumes(tmp_path,
 def losses_or_empty(run_dir: Path) -> dict[int, float]:
     try:
         return losses(run_dir)
-    except (AssertionError, json.JSONDecodeError, KeyError):
+    except (AssertionError, json.JSONDecodeError, KeyError, FileNotFoundError):  # still starting: no metrics.jsonl yet
         return {}
