@@ -7,11 +7,13 @@ its slice of the flat buffer. :class:`FlatZeroStep` keeps DeepSpeed's data layou
 low-precision buffers, the fp32 partition this rank updates, the optimizer state and so the
 checkpoint format) and the gradient reduction in backward, and replaces only the step:
 
-1. this rank's gradient partition as one flat fp32 tensor per parameter group;
-2. the global norm from one sum of squares per group and one all-reduce (the partitions are
+1. the global norm from this rank's reduced gradient partition (one multi-tensor kernel per
+   parameter group, accumulated in fp64 as DeepSpeed's) and one all-reduce (the partitions are
    disjoint), turned into ``found_inf`` and the clip divisor by :class:`pretrain.optimizer.StepGuard`;
-3. :class:`pretrain.optimizer.GuardedAdamW` on the fp32 partition (clip and skip inside the fused
-   kernel), one copy into the low-precision partition and DeepSpeed's all-gather.
+2. per group, one flat fp32 copy of the partition (one group at a time, as DeepSpeed) and
+   :class:`pretrain.optimizer.GuardedAdamW` on the fp32 master partition (clip and skip inside
+   the fused kernel), then one copy into the low-precision partition;
+3. DeepSpeed's all-gather of the updated parameters.
 
 Nothing reads a device value, so the host never waits.
 
