@@ -83,7 +83,7 @@ class ModelConfig:
     doc_masking: bool = fld(False, "Packed sequences: tokens attend only within their own document.")
     reset_positions: bool = fld(False, "Restart RoPE positions at every document boundary.")
     compile: bool = fld(False, "torch.compile each Transformer block (fuses RMSNorm, RoPE, SwiGLU; ~1.17x on the CPU bench shape, costs a one-time compile at start-up).")
-    activation_checkpointing: str = fld("none", "Recompute activations in backward.", choices=("none", "full", "every_n"))
+    activation_checkpointing: str = fld("none", "Recompute activations in backward: full = keep only each block's input; selective = also keep the matmul and fused-attention outputs and recompute only the cheap elementwise ops (norms, RoPE, SwiGLU, casts), for a fraction of full's recompute; every_n = full on every n-th block.", choices=("none", "full", "selective", "every_n"))
     checkpoint_every_n: int = fld(2, "With activation_checkpointing=every_n: checkpoint every n-th block.", ge=1)
     loss_chunk_size: int | None = fld(None, "Tokens per chunk of the fused linear + cross-entropy: only [chunk x vocab] logits exist at a time (0 = plain F.cross_entropy over full fp32 logits, the reference; null = 4096 on CUDA, 512 on CPU, the faster size measured on each).", ge=0)
 
@@ -252,8 +252,8 @@ class TrainConfig:
     grad_clip: float = fld(1.0, "Clip the global gradient norm to this (0 = off).", ge=0)
     eval_every: int = fld(200, "Validation every this many steps (0 = never).", ge=0)
     eval_batches: int = fld(20, "Validation batches per evaluation.", ge=1)
-    log_every: int = fld(10, "Log metrics every this many steps.", ge=1)
-    max_nonfinite_in_a_row: int = fld(5, "Save and stop after this many consecutive NaN/Inf losses or gradient norms.", ge=1)
+    log_every: int = fld(10, "Log metrics every this many steps. Only these steps (and saves and stops) read values the device computed, such as the loss: the others never make the host wait for the GPU.", ge=1)
+    max_nonfinite_in_a_row: int = fld(5, "Save and stop (exit 3) after this many consecutive NaN/Inf losses or gradient norms (their updates are skipped on the device); the run stops at the next logging step after the run of them.", ge=1)
     progress_bar: bool = fld(True, "Show a progress bar on rank 0.")
     hang_timeout_s: float = fld(1800.0, "Hang watchdog: no optimizer step completed for this long (start-up, first step, evaluation and saves not counted) -> every rank writes its Python stacks to RUN_DIR/hang/rank_NNNNN.txt and exits with status 4 (0 = off). Keep it below train.collective_timeout_s.", ge=0)
     collective_timeout_s: float = fld(2400.0, "Timeout of a collective (all-reduce, barrier) before torch.distributed fails it.", gt=0)
@@ -429,7 +429,8 @@ def cross_field_problems(cfg: Config, world_size: int | None = None) -> list[str
     # Engine: deepspeed.extra adds keys; it must not fork a setting the config owns (checkpoints,
     # export and the optimizer are built from the config's value, not DeepSpeed's).
     owned = {"zero_optimization.stage": "deepspeed.zero_stage", "bf16.enabled": "train.precision",
-             "fp16.enabled": "train.precision", "gradient_clipping": "train.grad_clip",
+             "fp16.enabled": "train.precision", "torch_autocast": "train.precision",
+             "gradient_clipping": "train.grad_clip",
              "optimizer": "the optim section", "scheduler": "the optim section"}
     for key, owner in owned.items():
         head, _, leaf = key.partition(".")

@@ -192,13 +192,14 @@ class Monitor:
         if self.wandb:
             self.wandb.log({"train/step": step, **metrics})
 
-    def progress(self, step: int, loss: float, tokens_per_s: float | None, mfu: float | None) -> None:
-        """Called every step on rank 0: advance the bar."""
+    def progress(self, step: int, loss: float | None, tokens_per_s: float | None, mfu: float | None) -> None:
+        """Called every step on rank 0: advance the bar (``loss``: the last logged one; reading the
+        current step's would make the host wait for the device)."""
         if self.bar is None:
             return
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix_str(
-            f"loss {loss:.4f} | {_fmt(tokens_per_s, ',.0f')} tok/s | MFU {_fmt(None if mfu is None else 100 * mfu, '.1f')}%",
+            f"loss {_fmt(loss, '.4f')} | {_fmt(tokens_per_s, ',.0f')} tok/s | MFU {_fmt(None if mfu is None else 100 * mfu, '.1f')}%",
             refresh=False,
         )
 

@@ -4,21 +4,27 @@ Layout, top to bottom::
 
     setup(cfg)                 process group, run-dir lease, seed, tokenizer, loader, model, engine
     train(cfg)                 signals -> setup -> resume -> monitor -> loop -> final save -> status
-      loop:  train_step        micro-batches (from the Prefetcher thread) through forward /
-                               backward / engine.step
-             agree             one all-reduce: mean loss + stop requests (signal, time budget) + whether
-                               rank 0 found the run directory's lease lost
-             NonFinite         skipped / non-finite steps (DeepSpeed skips the update itself)
+      loop:  run_step          micro-batches (from the Prefetcher thread) through forward /
+                               backward / engine.step, then StepStats.record: no host sync
+             LateAgreement     stop requests (signal, time budget, rank 0 found the run
+                               directory's lease lost) OR-ed over ranks, one step late
+             StepStats.read    loss, skipped / non-finite steps: the one host sync, on logging
+                               steps and before a decision that needs them (a save, a stop)
              StopPolicy        every reason to stop, in one place (pretrain/stopping.py)
              _log_step         progress bar, metrics.jsonl + wandb every train.log_every steps
              evaluate          every train.eval_every steps (and at a normal end)
              checkpoint        when due, and on every exit path (checkpoint.save_on_exit)
              HangWatchdog      beaten after every step, paused for evaluation and saves
 
-``bench`` reuses ``setup``, ``Prefetcher`` and ``train_step``: the benchmark times this code.
+``bench`` reuses ``setup``, ``Prefetcher`` and ``run_step``: the benchmark times this code.
 
+A step that is not a logging step never reads a value the device computed, so the host runs ahead
+of the GPU (the optimizer's clip / skip / learning rate stay on the device, pretrain/optimizer.py).
 Every rank takes every decision from reduced values, so ranks never disagree about stopping,
-skipping or saving. Exit status: 0 on a normal stop or a signal (SIGTERM/SIGUSR1: the current
+skipping or saving. With several ranks a signal or the time budget stops the run one step after
+the step in which some rank saw it (one rank: that step); ``train.max_nonfinite_in_a_row`` stops
+it at the first read after a run of that many non-finite steps (the next logging step; their
+updates were all skipped). Exit status: 0 on a normal stop or a signal (SIGTERM/SIGUSR1: the current
 step finishes, the run saves and exits 0 so SLURM can requeue it), 3 after
 ``train.max_nonfinite_in_a_row`` consecutive non-finite steps (also when a signal came at the same
 time: a diverged run must not be requeued), 4 when the hang watchdog fired (pretrain/hang.py; nothing
@@ -53,16 +59,22 @@ import torch.distributed as dist
 from data_pipelines.loaders import Prefetcher, build_train_loader, build_val_loader, load_tokenizer
 from pretrain.checkpoint import Checkpointer, TrainState
 from pretrain.config import Config, save_resolved
-from pretrain.dist import broadcast_flag, broadcast_object, init_distributed, select_accelerator
+from pretrain.dist import (
+    LateAgreement,
+    broadcast_flag,
+    broadcast_object,
+    init_distributed,
+    select_accelerator,
+)
 from pretrain.engine import (
     build_engine,
     check_device_support,
-    grad_norm,
     loss_scale,
     model_init_context,
     param_counts,
     resolve_precision,
     schedule_horizon,
+    step_outcome,
 )
 from pretrain.errors import LeaseLostError, UserError
 from pretrain.hang import HangWatchdog
@@ -70,7 +82,8 @@ from pretrain.model import Transformer
 from pretrain.monitor import Monitor, Throughput, flops_and_peak, memory_bytes
 from pretrain.plan.check import check_memory_plan
 from pretrain.run_lease import RunLease, stop_process
-from pretrain.stopping import NonFinite, Stop, StopPolicy, StopSignals
+from pretrain.stepstats import StepReport, StepStats
+from pretrain.stopping import Stop, StopPolicy, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +107,7 @@ class Session:
     tokenizer_path: str | None
     run_dir: Path
     tokens_per_step: int  # global tokens per optimizer step
+    guard: Any = field(default=None)  # the device step's StepGuard (None: DeepSpeed's own step)
     val_cache: list | None = field(default=None)
     lease: RunLease | None = field(default=None)  # held by global rank 0 of a training run
 
@@ -129,11 +143,11 @@ def setup(cfg: Config, write_run_files: bool = True, held: contextlib.ExitStack 
         model = Transformer(cfg.model)
     if info.device != "cpu" and isinstance(init_context, contextlib.nullcontext):
         model = model.to(info.device)  # (zero.Init already placed its partitions)
-    engine, _ = build_engine(cfg, model, info, run_dir if write_run_files else None)
+    engine, guard = build_engine(cfg, model, info, run_dir if write_run_files else None)
     torch.manual_seed(cfg.run.seed + 1 + info.rank)  # per-rank stream for anything stochastic after init
     t = cfg.train
     tokens = t.micro_batch_size * t.grad_accum_steps * info.world_size * cfg.data.seq_len
-    return Session(cfg, info, model, engine, loader, tokenizer, tokenizer_path, run_dir, tokens, lease=lease)
+    return Session(cfg, info, model, engine, loader, tokenizer, tokenizer_path, run_dir, tokens, guard=guard, lease=lease)
 
 
 def take_lease(cfg: Config, info) -> RunLease | None:
@@ -209,25 +223,13 @@ def train_step(engine, batches: Prefetcher, accum: int, device: str, inject_nan:
     return torch.stack(losses).mean(), wait
 
 
-def agree(local_loss: torch.Tensor, requests: tuple[bool, ...], device: str, world: int) -> tuple[float, tuple[bool, ...]]:
-    """One all-reduce per step: the global mean loss and, per request, whether any rank made it."""
-    if world == 1:
-        return float(local_loss), tuple(requests)
-    t = torch.stack([local_loss.to(device)] + [torch.tensor(float(r), device=device) for r in requests])
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    loss, *flags = t.tolist()
-    return loss / world, tuple(f > 0 for f in flags)
-
-
-def step_grad_norm(engine, applied: bool, logging: bool) -> float | None:
-    """The step's global gradient norm, read only on a logging step or a skipped update.
-
-    Reading it is a host sync that waits for the optimizer's kernels, so the next forward is
-    launched into an idle GPU. An applied update already had a finite norm (DeepSpeed's overflow
-    check, or GuardedAdamW on ZeRO-0 fp32, skips every other one; see pretrain.engine), so on the
-    other steps there is nothing to learn from it.
-    """
-    return grad_norm(engine) if logging or not applied else None
+def run_step(s: Session, batches: Prefetcher, stats: StepStats, inject_nan: bool = False) -> float:
+    """One optimizer step as training runs it, accounted on the device (no host sync); returns the
+    seconds spent waiting for the loader."""
+    info = s.info
+    local_loss, wait = train_step(s.engine, batches, s.cfg.train.grad_accum_steps, info.device, inject_nan)
+    stats.record(local_loss, *step_outcome(s.engine, s.guard, info.device))
+    return wait
 
 
 def evaluate(session: Session) -> dict | None:
@@ -308,7 +310,10 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
     _log_setup(s, monitor, flops_per_token, peak)
 
     batches = Prefetcher(s.loader, depth=max(2, cfg.data.prefetch))
-    nonfinite = NonFinite(t.precision)
+    stats = StepStats(t.precision, info.device, info.world_size)
+    agreement = LateAgreement(len(policy.requests()) + 1, t.collective_timeout_s)  # + the lease
+    skipped_before = state.skipped_steps  # a resumed run's; the stats count this run's
+    report: StepReport | None = None
     # Armed by the first step's beat: start-up, resume and compilation never count as a hang.
     watchdog = HangWatchdog(t.hang_timeout_s, s.run_dir, info.rank, info.world_size,
                             on_fire=s.lease.release if s.lease else None).start()
@@ -319,33 +324,43 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
         while stop is None:
             t0 = time.perf_counter()
             step = state.step + 1
-            lr = engine.get_lr()[0]  # the rate this step's update uses
-            local_loss, wait = train_step(engine, batches, t.grad_accum_steps, info.device,
-                                          inject_nan=step in nan_steps and info.rank == 0)
-            requests = (*policy.requests(), lease_lost_here(s))
-            loss, (*agreed, lease_lost) = agree(local_loss, requests, info.device, info.world_size)
+            logging = step % t.log_every == 0
+            lr = engine.lr_scheduler.current() if logging else None  # the rate this step's update uses
+            wait = run_step(s, batches, stats, inject_nan=step in nan_steps and info.rank == 0)
+            # The previous step's requests, agreed by every rank (see LateAgreement).
+            *agreed, lease_lost = agreement.exchange((*policy.requests(), lease_lost_here(s)))
+            agreed = tuple(agreed)
             if lease_lost:  # nothing more is written: no metrics, no evaluation, no checkpoint
                 raise lost_lease_everywhere(s)
             watchdog.beat()
             state.step, state.tokens_seen = step, state.tokens_seen + s.tokens_per_step
+            report_now = None  # read only where a log line or a decision needs the counts
+            if logging or any(agreed) or policy.limit(state):
+                report = report_now = _read_stats(stats, state, skipped_before, step)
+            # After the read: its wait for the device is the time the steps since the last read took.
             meter.update(s.tokens_per_step, time.perf_counter() - t0, wait)
-            applied = engine.was_step_applied()
-            gnorm = step_grad_norm(engine, applied, step % t.log_every == 0)
-            bad = nonfinite.account(state, step, loss, applied, gnorm)
-            stop = policy.after_step(tuple(agreed), nonfinite.in_a_row)
-
-            _log_step(s, monitor, meter, state, loss, lr, gnorm, nonfinite.in_a_row, force=bad)
-            evaluating = bool(t.eval_every) and step % t.eval_every == 0 and not (stop and stop.preempted)
+            stop = policy.after_step(agreed, report_now.longest_nonfinite_run if report_now else 0)
+            _log_step(s, monitor, meter, state, report_now if logging else None, lr,
+                      bar_loss=report.loss if report else None)
             saving = checkpointer.due(step)
+            if saving and report_now is None:  # the checkpoint records the skipped steps: count them first
+                report = report_now = _read_stats(stats, state, skipped_before, step)
+                stop = policy.after_step(agreed, report_now.longest_nonfinite_run)
+            evaluating = bool(t.eval_every) and step % t.eval_every == 0 and not (stop and stop.preempted)
             with watchdog.paused():
                 if evaluating:
                     _eval_and_log(s, monitor, step)
                 if saving:
                     checkpointer.save(state, batches.state)
             if (evaluating or saving) and stop is None:  # a signal that came meanwhile stops here
-                signalled = agree(torch.zeros(()), policy.requests()[:1], info.device, info.world_size)[1][0]
+                signalled, *_, lease_lost = agreement.now((*policy.requests(), lease_lost_here(s)))
+                if lease_lost:
+                    raise lost_lease_everywhere(s)
                 stop = policy.after_pause(signalled)
             stop = stop or policy.limit(state)
+        agreement.close()
+        if stats.steps_unread:  # a stop right after an evaluation: count its steps before the save
+            _read_stats(stats, state, skipped_before, state.step)
 
         watchdog.stop()  # the final evaluation and save are not steps
         # A final evaluation on a normal end (not on preemption: the grace period is short).
@@ -365,22 +380,32 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
     return stop.exit_code
 
 
-def _log_step(s: Session, monitor, meter, state, loss: float, lr: float, gnorm: float | None,
-              in_a_row: int, force: bool) -> None:
-    """Progress bar every step; metrics every train.log_every steps (and on every non-finite step)."""
+def _read_stats(stats: StepStats, state, skipped_before: int, step: int) -> StepReport:
+    """Read the step statistics (a host sync), update the train state's skip count, warn."""
+    report = stats.read()
+    state.skipped_steps = skipped_before + report.skipped_steps
+    if report.longest_nonfinite_run:
+        log.warning("up to step %d: non-finite loss or gradient norm, update(s) skipped (longest run %d, %d in a "
+                    "row now, %d skipped in all)", step, report.longest_nonfinite_run, report.nonfinite_in_a_row,
+                    state.skipped_steps)
+    return report
+
+
+def _log_step(s: Session, monitor, meter, state, report: StepReport | None, lr, bar_loss: float | None) -> None:
+    """Progress bar every step (with the last loss read, ``bar_loss``); metrics when ``report`` is
+    given (every train.log_every steps)."""
     step, engine = state.step, s.engine
-    due = step % s.cfg.train.log_every == 0
     perf = meter.summary()  # the window so far: the bar shows a rate on every step
-    monitor.progress(step, loss, perf.get("tokens_per_s"), perf.get("mfu"))
-    if not (due or force):
+    monitor.progress(step, bar_loss, perf.get("tokens_per_s"), perf.get("mfu"))
+    if report is None:
         return
     monitor.log_train(step, {
-        "train/loss": loss,
-        "train/lr": lr,
-        "train/grad_norm": gnorm,
+        "train/loss": report.loss,
+        "train/lr": float(lr),
+        "train/grad_norm": report.grad_norm,
         "train/tokens_seen": state.tokens_seen,
         "train/skipped_steps": state.skipped_steps,
-        "train/nonfinite_in_a_row": in_a_row,
+        "train/nonfinite_in_a_row": report.nonfinite_in_a_row,
         "train/loss_scale": loss_scale(engine),
         "perf/tokens_per_s": perf.get("tokens_per_s"),
         "perf/tokens_per_s_per_device": perf.get("tokens_per_s_per_device"),
@@ -389,8 +414,7 @@ def _log_step(s: Session, monitor, meter, state, loss: float, lr: float, gnorm: 
         "perf/loader_wait_frac": perf.get("loader_wait_frac"),
         "perf/memory_bytes": memory_bytes(s.info.device),
     })
-    if due:
-        meter.reset()
+    meter.reset()
 
 
 def _eval_and_log(s: Session, monitor, step: int) -> None:

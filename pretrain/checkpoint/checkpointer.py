@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from torch.optim.lr_scheduler import LambdaLR
-
 from data_pipelines.loaders import reshard_states, source_summaries
 from pretrain.checkpoint.format import (
     CONFIG_FILE,
@@ -72,9 +70,11 @@ from pretrain.checkpoint.state import TrainState, rng_state, set_rng_state
 from pretrain.checkpoint.weights import convert_to_universal
 from pretrain.config import Config, save_resolved, to_dict
 from pretrain.dist import DistInfo, all_gather_objects, barrier, broadcast_flag, broadcast_object
+from pretrain.engine import grad_clip_of, precision_path
 from pretrain.errors import DiskFullError, LeaseLostError, is_disk_full
 from pretrain.faults import fault_point
 from pretrain.fileio import fsync_dir
+from pretrain.optimizer import LRSchedule
 from pretrain.run_lease import RunLease
 
 if TYPE_CHECKING:
@@ -99,48 +99,37 @@ def _one_line(e: BaseException) -> str:
 _ADAMW_SETTINGS = ("betas", "eps", "weight_decay")
 
 
-def _config_schedule(engine: Any) -> LambdaLR | None:
-    """The trainer's learning-rate schedule: a LambdaLR over pretrain.schedules (engine.build_engine),
-    the rate being the config's optim.lr times the schedule's factor. None for any other scheduler."""
-    sched = getattr(engine, "lr_scheduler", None)
-    return sched if isinstance(sched, LambdaLR) else None
-
-
 def _optimizer_settings(engine: Any) -> dict:
     """The optimizer settings the engine was built with from this run's config: per-group AdamW
-    settings, the schedule's base rates and the gradient clip."""
-    opt, sched = getattr(engine, "optimizer", None), _config_schedule(engine)
+    settings and the gradient clip."""
+    opt = getattr(engine, "optimizer", None)
     return {
         "groups": [{k: g[k] for k in _ADAMW_SETTINGS if k in g} for g in opt.param_groups] if opt is not None else [],
-        "base_lrs": list(sched.base_lrs) if sched is not None else None,
-        "clip_grad": getattr(opt, "clip_grad", None),
+        "clip_grad": grad_clip_of(engine),
     }
 
 
 def _restore_optimizer_settings(engine: Any, configured: dict) -> None:
     """After DeepSpeed's load_checkpoint: the config's optimizer settings win over the checkpoint's.
 
-    The load puts back the checkpoint's AdamW settings (with the optimizer state), its gradient clip
-    and its schedule's base rate, while the schedule's shape comes from the config: a changed optim.lr
-    would silently mix the two. Here the config's values return and the rate of the next step is the
-    config's schedule at the checkpoint's step, so a resume named in the log is the one that runs.
+    The load puts back the checkpoint's AdamW settings (with the optimizer state) and, where
+    DeepSpeed clips, its gradient clip: here the config's values return. The learning rate needs
+    nothing: the schedule (pretrain.optimizer.LRSchedule) is built from the config and takes only
+    the count of applied updates from the checkpoint, so the next step's rate is the config's
+    schedule at the checkpoint's step, and a resume named in the log is the one that runs.
     """
-    opt, sched = getattr(engine, "optimizer", None), _config_schedule(engine)
+    opt, sched = getattr(engine, "optimizer", None), getattr(engine, "lr_scheduler", None)
     if opt is None:
         return
     for group, values in zip(opt.param_groups, configured["groups"], strict=True):
         group.update(values)
-    if configured["clip_grad"] is not None:
-        opt.clip_grad = configured["clip_grad"]
-    if sched is not None:
-        sched.base_lrs = configured["base_lrs"]
-        for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
-            group["lr"] = base * factor(sched.last_epoch)
+    if configured["clip_grad"] is not None and getattr(opt, "guard", None) is None:
+        opt.clip_grad = configured["clip_grad"]  # DeepSpeed's own step clips (the device step's clip is its guard's)
     g = opt.param_groups[0]
-    clip = getattr(opt, "clip_grad", getattr(opt, "max_norm", None))  # DeepSpeed's wrappers; GuardedAdamW
+    rate, at = (float(sched.current()), int(sched.applied)) if isinstance(sched, LRSchedule) else (float(g["lr"]), "-")
     log.info("optimizer after resume: lr %.6g at schedule step %s, betas %s, eps %.3g, weight decay %s, grad clip %s",
-             g["lr"], sched.last_epoch if sched is not None else "-", tuple(g["betas"]), g["eps"],
-             [grp["weight_decay"] for grp in opt.param_groups], clip)
+             rate, at, tuple(g["betas"]), g["eps"], [grp["weight_decay"] for grp in opt.param_groups],
+             grad_clip_of(engine))
 
 
 class Checkpointer:
@@ -363,6 +352,7 @@ class Checkpointer:
             world_size=world,
             zero_stage=self.cfg.deepspeed.zero_stage,
             precision=self.cfg.train.precision,
+            param_dtype=precision_path(self.cfg).params,
             model=to_dict(self.cfg)["model"],
             tokenizer=TOKENIZER_FILE if self.tokenizer else None,
             tokenizer_source=self.tokenizer.path if self.tokenizer else None,
@@ -410,7 +400,7 @@ class Checkpointer:
         self._check_same_run(step_dir, meta)
         per_rank = read_rank_files(step_dir, int(meta["world_size"]))
         plan = plan_resume(step_dir, meta, [r["loader"] for r in per_rank], self.info.world_size,
-                           self.cfg.deepspeed.zero_stage, self.cfg.data.num_workers)
+                           self.cfg.deepspeed.zero_stage, self.cfg.data.num_workers, precision_path(self.cfg).params)
         if plan.universal:
             self._ensure_universal(plan)
         self._load_engine(plan)

@@ -299,10 +299,22 @@ def check_settings(step_dir: Path, saved: dict[str, Any], now: dict[str, Any],
     return changes
 
 
-def plan_resume(step_dir: Path, meta: dict, loader_states: list, world: int, stage: int, num_workers: int) -> ResumePlan:
-    """The checkpoint's meta.json and per-rank loader states + this run's world, ZeRO stage and
-    data.num_workers -> ResumePlan; CheckpointError when the combination cannot be resumed."""
+def plan_resume(step_dir: Path, meta: dict, loader_states: list, world: int, stage: int, num_workers: int,
+                param_dtype: str | None = None) -> ResumePlan:
+    """The checkpoint's meta.json and per-rank loader states + this run's world, ZeRO stage,
+    data.num_workers and parameter dtype (pretrain.engine.precision_path) -> ResumePlan;
+    CheckpointError when the combination cannot be resumed."""
     saved_world, saved_stage = int(meta["world_size"]), int(meta["zero_stage"])
+    # ZeRO-0 saves the optimizer as it is: its layout follows the parameters' dtype. Checkpoints
+    # written before ZeRO-0 bf16 kept fp32 parameters under autocast record only the precision.
+    saved_params = meta.get("param_dtype", meta.get("precision"))
+    if param_dtype is not None and saved_stage == stage == 0 and saved_params != param_dtype:
+        raise CheckpointError(
+            f"checkpoint {step_dir} holds a ZeRO-0 optimizer for {saved_params} parameters, but this version trains "
+            f"ZeRO-0 {meta.get('precision')} with {param_dtype} parameters (bf16 under autocast): its optimizer state "
+            "cannot be loaded. Resume it with the version that wrote it, or start a new run from its weights "
+            "(pretrain export)"
+        )
     # ZeRO-3 partitions parameters, ZeRO-1/2 do not: switching between them reshapes the shards too.
     elastic = saved_world != world or (saved_stage == 3) != (stage == 3)
     if elastic and 0 in (saved_stage, stage) and saved_stage != stage:

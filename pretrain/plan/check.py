@@ -88,6 +88,8 @@ def fixes_that_fit(planner: Planner, plan: GpuPlan, world: int) -> list[dict[str
     """Settings, cheapest in throughput first, each of which alone makes the plan fit."""
     c = planner.cfg
     candidates: list[dict[str, object]] = [{"deepspeed.zero_stage": z} for z in range(c.deepspeed.zero_stage + 1, 4)]
+    if c.model.activation_checkpointing in ("none", "every_n"):  # selective recomputes only elementwise ops
+        candidates.append({"model.activation_checkpointing": "selective"})
     if c.model.activation_checkpointing != "full":
         candidates.append({"model.activation_checkpointing": "full"})
     best = planner.max_micro_batch(plan.states, plan.memory_bytes)

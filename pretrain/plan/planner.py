@@ -23,7 +23,13 @@ from typing import Any
 import torch
 
 from pretrain.config import Config
-from pretrain.engine import builds_partitioned, deepspeed_config, param_groups
+from pretrain.engine import (
+    builds_partitioned,
+    deepspeed_config,
+    param_groups,
+    precision_path,
+    schedule_horizon,
+)
 from pretrain.errors import UserError
 from pretrain.model import Transformer
 from pretrain.plan.activations import ActivationTrace, trace
@@ -104,7 +110,9 @@ class Planner:
         self._traces: dict[int, ActivationTrace] = {}
 
     def layout(self, world: int, cfg: Config | None = None) -> ZeroLayout:
-        return zero_layout(deepspeed_config(cfg or self.cfg, world, on_cuda=self.target == "cuda"))
+        cfg = cfg or self.cfg
+        return zero_layout(deepspeed_config(cfg, world, on_cuda=self.target == "cuda"), precision_path(cfg),
+                           schedule_horizon(cfg, world))
 
     def activations(self, micro_batch: int) -> ActivationTrace:
         if micro_batch not in self._traces:
@@ -191,9 +199,10 @@ def parameter_groups(cfg: Config) -> list[list[int]]:
 
 
 def recomputed_fraction(cfg: Config) -> float:
-    """Share of the blocks whose forward runs again in backward (activation checkpointing)."""
+    """Share of the blocks whose forward runs again in backward (activation checkpointing; under
+    ``selective`` the block runs again too, its matmuls answered from what was kept)."""
     m = cfg.model
-    if m.activation_checkpointing == "full":
+    if m.activation_checkpointing in ("full", "selective"):
         return 1.0
     if m.activation_checkpointing == "every_n":
         return math.ceil(m.n_layers / m.checkpoint_every_n) / m.n_layers

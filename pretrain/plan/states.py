@@ -1,18 +1,23 @@
 """Bytes DeepSpeed allocates on one rank for parameters, gradients and optimizer states.
 
-Everything is read from the generated DeepSpeed config (``pretrain.engine.deepspeed_config``)
-and the engine's own parameter groups, never re-derived from our config keys: when the engine
-changes what it hands DeepSpeed, the plan follows, and the exactness test (plan against the bytes
-a real engine holds at 1, 2 and 4 ranks, ZeRO 0-3) says when DeepSpeed's bookkeeping below needs
-updating. The layouts mirror DeepSpeed 0.19:
+Everything is read from the generated DeepSpeed config (``pretrain.engine.deepspeed_config``),
+the engine's own parameter groups and the engine's precision path (``pretrain.engine.precision_path``:
+who runs the optimizer step), never re-derived from our config keys: when the engine changes what
+it hands DeepSpeed, the plan follows, and the exactness test (plan against the bytes a real engine
+holds at 1, 2 and 4 ranks, ZeRO 0-3) says when the bookkeeping below needs updating. The layouts
+mirror DeepSpeed 0.19 and our device step (pretrain/optimizer.py, pretrain/zero_step.py):
 
-- ZeRO-0, fp32: DeepSpeed calls our AdamW on the parameters themselves (fp32 moments).
-- ZeRO-0, bf16/fp16: ``FP16_UnfusedOptimizer``: an fp32 master copy of every parameter; its
-  step converts every gradient to fp32 at once.
+- ZeRO-0, fp32 (also bf16, which trains fp32 parameters under autocast): DeepSpeed calls our AdamW
+  on the parameters themselves (fp32 moments); with more than one rank its all-reduce flattens the
+  gradients bucket by bucket.
+- ZeRO-0, fp16: ``FP16_UnfusedOptimizer``: an fp32 master copy of every parameter; its step
+  converts every gradient to fp32 at once.
 - ZeRO-1/2: each parameter group flattened into one buffer padded to a multiple of 2 x ranks;
-  each rank owns an equal slice of it (fp32 master + moments). After backward a rank holds the
-  gradients of the whole parameters that overlap its slice, in one contiguous buffer; the step
-  converts one group's slice to fp32 at a time.
+  each rank owns an equal slice of it (fp32 master + moments). ZeRO-1 on the device step keeps
+  every gradient in one flat buffer per group with the parameters' layout, for the whole run.
+  Otherwise, after backward a rank holds the gradients of the whole parameters that overlap its
+  slice, in one contiguous buffer. The step converts one group's slice to fp32 at a time.
+- The device step's learning-rate table: one fp32 per step of the schedule, for the whole run.
 - ZeRO-3: every parameter split in ``ceil(numel / ranks)`` pieces; parameters at or below
   ``stage3_param_persistence_threshold`` elements stay whole on every rank as well (when there
   is more than one). The gradient partitions and one reduce bucket are allocated once, at start-up; the step works through
@@ -24,6 +29,7 @@ bytes each.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -67,11 +73,16 @@ class ZeroLayout:
     offload_optimizer: bool
     offload_params: bool
     grad_accum_steps: int
+    device_step: bool = False  # our step (pretrain.engine.precision_path): no DeepSpeed clip or overflow copies
+    flat_grads: bool = False  # ZeRO-1 on the device step: every gradient in one flat buffer, always
+    schedule_bytes: int = 0  # the device step's learning-rate table
 
 
-def zero_layout(ds_conf: dict) -> ZeroLayout:
+def zero_layout(ds_conf: dict, path=None, schedule_steps: int = 0) -> ZeroLayout:
     """Read the memory-relevant choices from a DeepSpeed config dict (DeepSpeed's own defaults
-    for keys the dict leaves out). Raises :class:`UnplannableError` for layouts not modelled."""
+    for keys the dict leaves out) and the engine's precision path (``path``, a
+    ``pretrain.engine.PrecisionPath``; None: DeepSpeed's own step) for a schedule of
+    ``schedule_steps`` steps. Raises :class:`UnplannableError` for layouts not modelled."""
     select_accelerator()  # before deepspeed loads (pretrain.dist)
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig  # lazy: after select_accelerator
 
@@ -86,6 +97,7 @@ def zero_layout(ds_conf: dict) -> ZeroLayout:
     zero = DeepSpeedZeroConfig(**ds_conf.get("zero_optimization", {}))
     half = ds_conf.get("bf16", {}).get("enabled") or ds_conf.get("fp16", {}).get("enabled")
     stage = int(zero.stage)
+    device_step = path is not None and path.step == "device"
     offload_opt = zero.offload_optimizer is not None and str(zero.offload_optimizer.device) not in ("none", "OffloadDeviceEnum.none")
     offload_par = zero.offload_param is not None and str(zero.offload_param.device) not in ("none", "OffloadDeviceEnum.none")
     return ZeroLayout(
@@ -101,6 +113,9 @@ def zero_layout(ds_conf: dict) -> ZeroLayout:
         offload_optimizer=offload_opt,
         offload_params=offload_par,
         grad_accum_steps=int(ds_conf.get("gradient_accumulation_steps", 1)),
+        device_step=device_step,
+        flat_grads=device_step and stage == 1,
+        schedule_bytes=(schedule_steps + 1) * FP32 if device_step else 0,
     )
 
 
@@ -142,20 +157,24 @@ def model_states(layout: ZeroLayout, groups: list[list[int]], world: int, rank: 
     parameter groups ``groups`` (each optimizer group's element counts, in the engine's order)."""
     groups = [g for g in groups if g]  # DeepSpeed drops empty groups
     if layout.stage == 0:
-        return _zero0(layout, groups, world)
-    if layout.stage in (1, 2):
-        return _zero12(layout, groups, world, rank)
-    return _zero3(layout, groups, world)
+        states = _zero0(layout, groups, world)
+    elif layout.stage in (1, 2):
+        states = _zero12(layout, groups, world, rank)
+    else:
+        states = _zero3(layout, groups, world)
+    return dataclasses.replace(states, buffers=states.buffers + layout.schedule_bytes,
+                               startup=states.startup + layout.schedule_bytes)
 
 
 def _zero0(z: ZeroLayout, groups: list[list[int]], world: int) -> ModelStates:
     n = sum(map(sum, groups))
     largest = max(max(g) for g in groups)
     master = n * FP32 if z.master_copy else 0
-    # The engine's all-reduce flattens the gradients bucket by bucket (after backward);
-    # FP16_UnfusedOptimizer converts every gradient to fp32 before its step.
-    allreduce = min(n, ZERO0_ALLREDUCE_BUCKET) * z.param_bytes
-    step = max(allreduce, n * FP32 if z.master_copy else largest * FP32)
+    # The engine's all-reduce flattens the gradients bucket by bucket (after backward; our engine
+    # skips it on one rank); FP16_UnfusedOptimizer converts every gradient to fp32 before its
+    # step; DeepSpeed's clip takes the fp32 norm of one gradient at a time (the device step: none).
+    allreduce = min(n, ZERO0_ALLREDUCE_BUCKET) * z.param_bytes if world > 1 or not z.device_step else 0
+    step = max(allreduce, n * FP32 if z.master_copy else 0 if z.device_step else largest * FP32)
     # Start-up: the model as built (fp32) on the device; FP16_UnfusedOptimizer then initialises
     # its moments with one step over zero gradients in both dtypes.
     startup = max(n * FP32, n * (z.param_bytes + FP32 + z.param_bytes + FP32 + 2 * FP32) if z.master_copy else 0)
@@ -197,7 +216,10 @@ def _zero12(z: ZeroLayout, groups: list[list[int]], world: int, rank: int | None
     held = (max(per_rank) if rank is None else per_rank[rank]) * z.param_bytes  # the rank's gradients after backward
     buckets = (2 if z.overlap_comm else 1) * z.reduce_bucket_size * z.param_bytes if z.contiguous_gradients else 0
     grads, backward = held, buckets
-    if z.stage == 1 and not z.contiguous_gradients:
+    if z.flat_grads:  # every gradient in the flat buffers, no reduce buckets (pretrain.zero_step)
+        grads, backward = flat * z.param_bytes, 0
+        steps = max(size * ((z.param_bytes if world > 1 else 0) + FP32) for size in slices)  # reduce-scatter out, fp32
+    elif z.stage == 1 and not z.contiguous_gradients:
         grads = n * z.param_bytes  # whole gradients, reduced in place
     elif z.stage == 1 and z.grad_accum_steps > 1:
         # Before the accumulation boundary ZeRO-1 keeps whole gradients, and its reduce buckets
@@ -212,6 +234,7 @@ def _zero12(z: ZeroLayout, groups: list[list[int]], world: int, rank: int | None
         buffers=0, backward_temp=backward, step_temp=0 if on_host else steps,
         # the model as built (fp32) on the device; then the flattening copies the parameters once
         startup=max(n * FP32, 2 * flat * z.param_bytes), host=3 * master if on_host else 0,
+        grads_persist=z.flat_grads,
     )
 
 

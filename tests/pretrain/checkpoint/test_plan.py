@@ -78,6 +78,17 @@ def test_resume_plan_refuses_zero_0_against_sharded_across_a_change(saved_stage,
         _plan(2, saved_stage, 1, stage)
 
 
+def test_resume_plan_refuses_a_zero_0_optimizer_for_other_parameter_dtypes():
+    """ZeRO-0 bf16 keeps fp32 parameters under autocast now; a checkpoint of the former bf16-parameter
+    layout (its meta records only the precision) cannot feed that optimizer, and says so."""
+    old = {"world_size": 1, "zero_stage": 0, "precision": "bf16"}
+    with pytest.raises(CheckpointError, match="ZeRO-0 optimizer for bf16 parameters.*pretrain export"):
+        plan_resume(STEP, old, [None], 1, 0, 1, param_dtype="fp32")
+    assert plan_resume(STEP, {**old, "param_dtype": "fp32"}, [None], 1, 0, 1, param_dtype="fp32").world == 1
+    assert plan_resume(STEP, {**old, "precision": "fp32"}, [None], 1, 0, 1, param_dtype="fp32").world == 1
+    assert plan_resume(STEP, {**old, "zero_stage": 1}, [None], 1, 1, 1, param_dtype="bf16").world == 1
+
+
 def test_resume_modes(tmp_path):
     assert make(tmp_path).resume() is None  # auto, nothing there: fresh start
     make(tmp_path).save(TrainState(step=2), {})
