@@ -47,7 +47,8 @@ bench: install
 bench-overhead: install
 	$(PY) -m pretrain.bench.overhead
 
-# The whole one-GPU check (test-gpu, model step vs nanoGPT, 125M/1B/7B trainer benches), one table.
+# The whole one-GPU check (test-gpu, model step vs nanoGPT, 125M/1B/7B trainer benches and their
+# memory plans beside the measured peaks), one table.
 bench-gpu: install
 	PYTHON=$(PY) bash launch/bench_gpu.sh
 

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
 
     p = sub.add_parser("eval-pii", help="per-type precision/recall/F1 of the PII detector on labelled records")
-    p.add_argument("labelled", help='jsonl of {"text": ..., "spans": [{"start", "end", "type"}]}')
+    p.add_argument("labelled", help='jsonl of {"text": ..., "spans": [{"start", "end", "type"}]}, or builtin:pii-heldout[:SEED]')
     p.add_argument("--config", default=None, help="config whose scrub.pii section to use")
     p.add_argument("overrides", nargs="*", default=[], help="dotlist overrides")
 

@@ -1,4 +1,4 @@
-"""`python -m pretrain {train,bench,audit,export,generate,config-reference}`.
+"""`python -m pretrain {train,bench,plan,audit,export,generate,config-reference}`.
 
 Config-taking commands parse and validate the config before importing torch or deepspeed, so a
 typo costs a second, not a cluster start-up.
@@ -24,11 +24,28 @@ def _config_command(sub: argparse._SubParsersAction, name: str, help: str) -> ar
     return p
 
 
+def _gpu_counts(text: str) -> list[int]:
+    try:
+        gpus = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        gpus = []
+    if not gpus or min(gpus) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected GPU counts separated by commas, e.g. 1,8,64")
+    return gpus
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _config_command(sub, "train", "train a model (same under python, torchrun, deepspeed and SLURM)")
     _config_command(sub, "bench", "time the real training step; last line printed is one JSON object")
+    p = _config_command(sub, "plan", "memory per GPU and step time at N GPUs, before launch; last line printed is one JSON object")
+    p.add_argument("--gpus", type=_gpu_counts, default=[1, 8, 64, 512], help="GPU counts (data-parallel ranks) to plan for, comma-separated")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU in GiB (80 GB H100: 79.1; H200: 139.8)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs sharing NVLink; larger counts cross InfiniBand")
+    p.add_argument("--bench-json", default=None, help="a one-GPU `pretrain bench` output of this config: compute time per token")
+    p.add_argument("--bus-bandwidth-gbs", type=float, default=None,
+                   help="collective bus bandwidth in GB/s (nccl-tests busbw); default NVLink 450 within a node, InfiniBand 50 beyond")
     _config_command(sub, "audit", "memorization audit of the run's checkpoint: exposure and extraction of the "
                                   "canaries planted by the scrub (RUN_DIR/audit/)")
 
@@ -61,6 +78,20 @@ def main(argv: list[str] | None = None) -> int:
 
         print(reference_markdown(), end="")
         return 0
+
+    if args.command == "plan":
+        from pretrain.config import load_config, to_yaml
+
+        cfg = load_config(args.config, args.overrides, world_size=args.gpus[0])
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        from pretrain.logging_setup import setup_logging
+        from pretrain.plan.report import run_plan
+
+        setup_logging("warning")
+        return run_plan(cfg, args.config, args.gpus, args.gpu_memory_gib, args.bench_json, args.bus_bandwidth_gbs,
+                        args.gpus_per_node)
 
     if args.command in ("train", "bench", "audit"):
         if started_by_launcher():  # a worker of torchrun / deepspeed / srun dies with its launcher

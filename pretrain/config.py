@@ -60,7 +60,7 @@ class RunConfig:
     seed: int = fld(1337, "Global seed (model init, data shuffling, sampling).", ge=0)
     log_level: str = fld("info", "Log level on global rank 0.", choices=("debug", "info", "warning", "error"))
     log_all_ranks: bool = fld(False, "Log at run.log_level on every rank, not only warnings on ranks > 0.")
-    lease_heartbeat_s: float = fld(10.0, "Seconds between refreshes of the run directory's lease (RUN_DIR/.lease.json) by global rank 0.", gt=0)
+    lease_heartbeat_s: float = fld(10.0, "Seconds between heartbeats of the run directory's lease (RUN_DIR/.lease/gen-NNNNNN, by global rank 0; the scrub's too). Each heartbeat first checks that no other job took the lease over; a job that lost it stops every rank with exit status 6.", gt=0)
     lease_stale_s: float = fld(120.0, "A lease whose heartbeat is older than this (or whose process is gone, same host) is taken over; a live one makes a second job exit 2. Must exceed run.lease_heartbeat_s.", gt=0)
 
 
@@ -83,7 +83,7 @@ class ModelConfig:
     doc_masking: bool = fld(False, "Packed sequences: tokens attend only within their own document.")
     reset_positions: bool = fld(False, "Restart RoPE positions at every document boundary.")
     compile: bool = fld(False, "torch.compile each Transformer block (fuses RMSNorm, RoPE, SwiGLU; ~1.17x on the CPU bench shape, costs a one-time compile at start-up).")
-    activation_checkpointing: str = fld("none", "Recompute activations in backward.", choices=("none", "full", "every_n"))
+    activation_checkpointing: str = fld("none", "Recompute activations in backward: full = keep only each block's input; selective = also keep the matmul and fused-attention outputs and recompute only the cheap elementwise ops (norms, RoPE, SwiGLU, casts), for a fraction of full's recompute; every_n = full on every n-th block.", choices=("none", "full", "selective", "every_n"))
     checkpoint_every_n: int = fld(2, "With activation_checkpointing=every_n: checkpoint every n-th block.", ge=1)
     loss_chunk_size: int | None = fld(None, "Tokens per chunk of the fused linear + cross-entropy: only [chunk x vocab] logits exist at a time (0 = plain F.cross_entropy over full fp32 logits, the reference; null = 4096 on CUDA, 512 on CPU, the faster size measured on each).", ge=0)
 
@@ -209,8 +209,8 @@ class PIIConfig:
     replacement: str = fld("placeholder", "placeholder: one special token per type (data_pipelines/scrub/filters/pii_types.py); pseudonym: a keyed HMAC-SHA256 tag per value (type + 8 hex digits), the same value giving the same tag corpus-wide.", choices=("placeholder", "pseudonym"))
     secret_env: str = fld("PII_HMAC_SECRET", "Environment variable holding the pseudonym key (never written anywhere).")
     redact_private_ips: bool = fld(False, "Also redact private IP ranges (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7). Loopback, unspecified, link-local, multicast and documentation addresses are always kept; all other addresses, reserved or unassigned space included, are always redacted.")
-    phone_regions: list[str] = fld(["US", "GB", "DE", "FR", "IN"], "Regions tried for national-format phone numbers without a cue word (numbers with + or 00 are checked for every country).")
-    phone_cues: bool = fld(True, "After a phone cue word (Tel, phone, mobile, fax, call me on, ... in 20+ languages) accept any plausible digit run as a phone: local 6-9 digit numbers, national numbers of any region, a country code without +.")
+    phone_regions: list[str] = fld(["US", "GB", "DE", "FR", "IN"], "Regions tried for national-format phone numbers without a cue word, besides the regions the document itself names near the number (a +CC number, an address under a country domain); numbers with + or 00 are checked for every country.")
+    phone_cues: bool = fld(True, "Where the text says phone (a cue word before the number, a label after it or on the line above, a spoken 'call me back on ...', in 24 languages) accept any plausible digit run as a phone: local 6-9 digit numbers, national numbers of any region, a country code without +, a number broken across lines. A reference word right before the number (invoice, order, account) always wins.")
     engine: str = fld("auto", "Candidate scan: hyperscan (one pass, x86), re (per-type compiled regex), auto = hyperscan when installed.", choices=("auto", "hyperscan", "re"))
 
 
@@ -271,11 +271,13 @@ class TrainConfig:
     grad_clip: float = fld(1.0, "Clip the global gradient norm to this (0 = off).", ge=0)
     eval_every: int = fld(200, "Validation every this many steps (0 = never).", ge=0)
     eval_batches: int = fld(20, "Validation batches per evaluation.", ge=1)
-    log_every: int = fld(10, "Log metrics every this many steps.", ge=1)
-    max_nonfinite_in_a_row: int = fld(5, "Save and stop after this many consecutive NaN/Inf losses or gradient norms.", ge=1)
+    log_every: int = fld(10, "Log metrics every this many steps. Only these steps (and saves and stops) read values the device computed, such as the loss: the others never make the host wait for the GPU.", ge=1)
+    max_nonfinite_in_a_row: int = fld(5, "Save and stop (exit 3) after this many consecutive NaN/Inf losses or gradient norms (their updates are skipped on the device); the run stops at the next logging step after the run of them.", ge=1)
     progress_bar: bool = fld(True, "Show a progress bar on rank 0.")
     hang_timeout_s: float = fld(1800.0, "Hang watchdog: no optimizer step completed for this long (start-up, first step, evaluation and saves not counted) -> every rank writes its Python stacks to RUN_DIR/hang/rank_NNNNN.txt and exits with status 4 (0 = off). Keep it below train.collective_timeout_s.", ge=0)
     collective_timeout_s: float = fld(2400.0, "Timeout of a collective (all-reduce, barrier) before torch.distributed fails it.", gt=0)
+    ignore_memory_plan: bool = fld(False, "Start even when the memory plan (what `pretrain plan` prints, checked at start-up before the engine is built) predicts that a rank's peak exceeds its device memory.")
+    device_memory_gib: float | None = fld(None, "Memory one rank may use, for the start-up memory check: null = the GPU's total memory; on CPU, where ranks share the host's memory with everything else, the check runs only when this is set.", gt=0)
 
 
 @dataclass
@@ -309,6 +311,12 @@ class DeepSpeedConfig:
     extra: dict[str, Any] = fld({}, "Passthrough: merged last into the generated DeepSpeed config (advanced keys).")
 
 
+# Run-defining settings a resume refuses to change unless checkpoint.allow_changes names them (a
+# deliberate change, such as a vocabulary surgery). The schema owns the list so validation needs
+# no import from the resume planner (pretrain/checkpoint/plan.py), which says why for each.
+RESUME_ALLOWABLE: tuple[str, ...] = ("data.tokenizer", "data.val_fraction", "model.rope_theta", "model.norm_eps")
+
+
 @dataclass
 class CheckpointConfig:
     dir: str = fld("${run.dir}/checkpoints", "Checkpoint directory.")
@@ -319,6 +327,7 @@ class CheckpointConfig:
     resume: str = fld("auto", "auto: newest complete checkpoint in checkpoint.dir; never: start fresh; or a checkpoint path.")
     overwrite: bool = fld(False, "resume=never: start over an existing run (deleting its checkpoints); resume=PATH: delete the checkpoints in checkpoint.dir later than PATH.")
     save_on_exit: bool = fld(True, "Save when stopping on a signal, the time budget or max_steps.")
+    allow_changes: list[str] = fld([], "Resume even though these run-defining settings differ from the checkpoint's (a deliberate change, logged), e.g. [data.tokenizer] for a vocabulary surgery; any of: " + ", ".join(RESUME_ALLOWABLE) + ". The tokenizer is compared by content, so a moved or re-saved file is no change.")
 
 
 @dataclass
@@ -443,6 +452,10 @@ def cross_field_problems(cfg: Config, world_size: int | None = None) -> list[str
     names = [s.name for s in d.sources]
     for name in sorted({n for n in names if names.count(n) > 1}):
         p.append(f"data.sources: the name '{name}' is used by sources {[i for i, n in enumerate(names) if n == name]}; names must be unique (loader state and pretokenized shards are keyed by name)")
+    unknown_allow = [k for k in cfg.checkpoint.allow_changes if k not in RESUME_ALLOWABLE]
+    if unknown_allow:
+        p.append(f"checkpoint.allow_changes: {', '.join(unknown_allow)} cannot be allowed; the settings a resume "
+                 f"may be told to accept are: {', '.join(RESUME_ALLOWABLE)}")
     # Canary rules.
     can = cfg.scrub.canaries
     if can.enabled:
@@ -467,7 +480,8 @@ def cross_field_problems(cfg: Config, world_size: int | None = None) -> list[str
     # Engine: deepspeed.extra adds keys; it must not fork a setting the config owns (checkpoints,
     # export and the optimizer are built from the config's value, not DeepSpeed's).
     owned = {"zero_optimization.stage": "deepspeed.zero_stage", "bf16.enabled": "train.precision",
-             "fp16.enabled": "train.precision", "gradient_clipping": "train.grad_clip",
+             "fp16.enabled": "train.precision", "torch_autocast": "train.precision",
+             "gradient_clipping": "train.grad_clip",
              "optimizer": "the optim section", "scheduler": "the optim section"}
     for key, owner in owned.items():
         head, _, leaf = key.partition(".")

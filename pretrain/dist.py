@@ -170,6 +170,62 @@ def broadcast_flag(flag: bool, device: str, src: int = 0) -> bool:
     return bool(t.item())
 
 
+class LateAgreement:
+    """Every rank's boolean requests OR-ed over all ranks, delivered one call late, never waiting
+    on the device.
+
+    ``exchange(flags)`` returns what the ranks asked for at the previous call and starts an
+    asynchronous all-reduce of ``flags`` on a CPU-only (gloo) group. The loop calls it once per
+    step on every rank, so by the next step the reduction has long finished and every rank gets
+    the same answer at the same step; the buffer is host memory (numpy), so reading it is not a
+    device sync even when training runs on GPUs over NCCL. With one rank there is nothing to agree
+    on and ``exchange`` returns ``flags`` at once.
+    """
+
+    def __init__(self, n: int, timeout_s: float | None = None):
+        import numpy as np  # host buffers only: torch loads on first use, see dist_on
+        import torch
+        import torch.distributed as torch_dist
+
+        self.n = n
+        self._buf = np.zeros(n, dtype=np.int32)
+        self._tensor = torch.from_numpy(self._buf)  # shares the buffer: gloo writes, numpy reads
+        self._work = None
+        self._group = None
+        if dist_on():
+            timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+            self._group = torch_dist.new_group(backend="gloo", **timeout)
+
+    def exchange(self, flags: tuple[bool, ...]) -> tuple[bool, ...]:
+        """The previous call's flags agreed over all ranks (all False on the first call)."""
+        if self._group is None:
+            return tuple(flags)
+        agreed = self._wait()
+        import torch.distributed as torch_dist  # torch loads on first use, see dist_on
+
+        self._buf[:] = [1 if f else 0 for f in flags]
+        self._work = torch_dist.all_reduce(self._tensor, op=torch_dist.ReduceOp.SUM, group=self._group, async_op=True)
+        return agreed
+
+    def now(self, flags: tuple[bool, ...]) -> tuple[bool, ...]:
+        """Agree on ``flags`` synchronously (between steps: after an evaluation or a save)."""
+        if self._group is None:
+            return tuple(flags)
+        self.exchange(flags)
+        return self._wait()
+
+    def close(self) -> None:
+        """Finish the reduction in flight (every rank has exactly one), so none is left behind."""
+        self._wait()
+
+    def _wait(self) -> tuple[bool, ...]:
+        if self._work is None:
+            return (False,) * self.n
+        self._work.wait()
+        self._work = None
+        return tuple(bool(v) for v in self._buf)
+
+
 def exit_process(code: int | str | None) -> NoReturn:
     """End a command's process; one that used torch.distributed skips interpreter finalization.
 

@@ -5,19 +5,17 @@ One source of truth: every DeepSpeed setting is derived from the ``train``, ``op
 logged and written to ``<run.dir>/ds_config.json``, and nothing else builds DeepSpeed configs.
 
 The optimizer is ours, handed to DeepSpeed as a client optimizer, so weight-decay groups and the
-implementation choice are explicit:
+implementation choice are explicit: DeepSpeed's CPU Adam with ``deepspeed.offload_optimizer``
+(a JIT-built C++ op: ninja + a compiler, built once into ~/.cache/torch_extensions), otherwise
+:class:`pretrain.optimizer.GuardedAdamW` (``torch.optim.AdamW(fused=True)``, one fused kernel per
+tensor list instead of ~10 foreach passes).
 
-- ``deepspeed.offload_optimizer``: DeepSpeed's CPU Adam (a JIT-built C++ op; needs ninja + a
-  compiler, built once into ~/.cache/torch_extensions);
-- CUDA: ``torch.optim.AdamW(fused=True)``;
-- CPU: ``torch.optim.AdamW(fused=True)`` (one fused kernel per tensor list instead of ~10 foreach
-  passes: measurably cheaper on the bench shape, see the bench notes in the README).
-
-Non-finite steps: every DeepSpeed optimizer wrapper (ZeRO 1-3, the bf16 and fp16 optimizers)
-detects a NaN/Inf gradient norm, skips the update on all ranks and does not advance the LR
-schedule. The one path without that check is ZeRO-0 in fp32, where DeepSpeed calls the client
-optimizer directly; there :class:`GuardedAdamW` clips, records the norm and skips itself, exposing
-the same ``overflow`` / ``_global_grad_norm`` attributes DeepSpeed reads from its own wrappers.
+Which tensors exist in which dtype, and who runs the optimizer step, is one decision:
+:func:`precision_path` (read by the engine, the benches and the memory planner). On the main
+paths (bf16 or fp32, ZeRO 0-2, no offload) the step never waits on the host: the non-finite
+check, clipping and the learning rate stay on the device (pretrain/optimizer.py,
+pretrain/zero_step.py). Elsewhere (fp16, ZeRO-3, offload) DeepSpeed's own step decides on the
+host, skips non-finite updates on every rank and does not advance the schedule, as before.
 """
 
 from __future__ import annotations
@@ -40,14 +38,72 @@ from pretrain.schedules import lr_multiplier
 log = logging.getLogger(__name__)
 
 
-def uses_guarded_optimizer(cfg: Config) -> bool:
-    """ZeRO-0 in fp32 is the one DeepSpeed path without a non-finite check (see module doc)."""
-    return cfg.deepspeed.zero_stage == 0 and cfg.train.precision == "fp32"
+@dataclass(frozen=True)
+class PrecisionPath:
+    """What one rank holds for the model, in which dtype, and who runs the optimizer step.
+
+    ``params``: the module's parameters (what forward reads); ``autocast``: the dtype forward
+    computes in under ``torch.autocast`` (DeepSpeed's ``torch_autocast`` section), None without;
+    ``grads``: gradients as backward produces and DeepSpeed reduces them; ``master``: a separate
+    copy the optimizer updates (None: it updates the parameters themselves); ``optim_states``: the
+    two Adam moments; ``sharded``: what ZeRO divides over the data-parallel ranks; ``offloaded``:
+    what lives in CPU memory; ``step``: ``device`` = our step, which never waits on the host
+    (pretrain/optimizer.py, pretrain/zero_step.py), ``deepspeed`` = DeepSpeed's own, which reads
+    its overflow flag on the host.
+    """
+
+    params: str
+    autocast: str | None
+    grads: str
+    master: str | None
+    optim_states: str
+    sharded: tuple[str, ...]
+    offloaded: tuple[str, ...]
+    step: str
+
+    def model_state_bytes_per_param(self, dp_world: int) -> dict[str, float]:
+        """Bytes per model parameter of each persistent model state on one rank (no buffers)."""
+        size = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+        def share(kind: str) -> float:
+            return 1 / dp_world if kind in self.sharded else 1.0
+
+        out = {"params": size[self.params] * share("params"), "grads": size[self.grads] * share("grads"),
+               "optim_states": 2 * size[self.optim_states] * share("optimizer")}
+        if self.master is not None:
+            out["master"] = size[self.master] * share("optimizer")
+        return out
+
+
+def precision_path(cfg: Config) -> PrecisionPath:
+    """The precision and optimizer path of ``cfg`` (train.precision resolved: bf16, fp16 or fp32).
+
+    - ZeRO-0, bf16: fp32 parameters and gradients, forward under bf16 autocast: the parameters are
+      the master weights, so DeepSpeed calls our fused AdamW directly (nanoGPT's recipe: no
+      wrapper, no per-parameter copies); same bytes as bf16 weights + an fp32 master copy.
+    - ZeRO-1/2, bf16: bf16 parameters and gradients in DeepSpeed's flat buffers, an fp32 master
+      partition per rank, stepped by :class:`pretrain.zero_step.FlatZeroStep`.
+    - fp32: the same without autocast (ZeRO-1/2 still keep DeepSpeed's separate fp32 partition).
+    - fp16, ZeRO-3 or optimizer offload: DeepSpeed's wrappers and step (loss scaling, partitioned
+      parameters, CPU Adam).
+    """
+    t, ds = cfg.train, cfg.deepspeed
+    stage, precision = ds.zero_stage, t.precision
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"train.precision={precision!r} must be resolved first (pretrain.engine.resolve_precision)")
+    sharded = ((), ("optimizer",), ("optimizer", "grads"), ("optimizer", "grads", "params"))[stage]
+    offloaded = tuple(k for k, on in (("optimizer", ds.offload_optimizer), ("params", ds.offload_params)) if on)
+    step = "device" if precision != "fp16" and stage <= 2 and not ds.offload_optimizer else "deepspeed"
+    if stage == 0 and precision != "fp16":
+        autocast = "bf16" if precision == "bf16" else None
+        return PrecisionPath("fp32", autocast, "fp32", None, "fp32", sharded, offloaded, step)
+    return PrecisionPath(precision, None, precision, "fp32", "fp32", sharded, offloaded, step)
 
 
 def deepspeed_config(cfg: Config, dp_world: int, on_cuda: bool = False) -> dict:
     """The DeepSpeed config dict for ``cfg`` at data-parallel size ``dp_world``."""
     t, ds = cfg.train, cfg.deepspeed
+    path = precision_path(cfg)
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm,
@@ -71,10 +127,10 @@ def deepspeed_config(cfg: Config, dp_world: int, on_cuda: bool = False) -> dict:
         "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp_world,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
-        # GuardedAdamW clips itself (it must see the pre-clip norm to detect NaN/Inf).
-        "gradient_clipping": 0.0 if uses_guarded_optimizer(cfg) else t.grad_clip,
+        # The device step clips itself (it needs the pre-clip norm to detect NaN/Inf).
+        "gradient_clipping": 0.0 if path.step == "device" else t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": path.params == "bf16"},
         "fp16": {
             "enabled": t.precision == "fp16",
             "loss_scale": 0,  # dynamic
@@ -86,9 +142,14 @@ def deepspeed_config(cfg: Config, dp_world: int, on_cuda: bool = False) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # we log; DeepSpeed's own progress lines would duplicate it
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronizes the device at every forward and step: two full
+        # host waits per step. The loop measures throughput itself (pretrain.monitor.Throughput).
+        "timers": {"throughput": {"enabled": False}},
     }
-    if t.precision == "bf16":
-        conf["bf16"]["check_grad_overflow"] = True  # skip NaN/Inf steps (explicit, it is the point)
+    if path.params == "bf16":
+        conf["bf16"]["check_grad_overflow"] = True  # DeepSpeed's own step (ZeRO-3): skip NaN/Inf steps
+    if path.autocast:
+        conf["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return deep_merge(conf, ds.extra)
 
 
@@ -175,63 +236,29 @@ def param_groups(model, optim_cfg) -> tuple[list[dict], ParamGroupSummary]:
     return [g for g in groups if g["params"]], summary
 
 
-def _torch_adamw_kwargs(optim_cfg) -> dict:
-    return {"lr": optim_cfg.lr, "betas": (optim_cfg.beta1, optim_cfg.beta2), "eps": optim_cfg.eps}
-
-
-def _make_guarded_adamw():
-    import torch
-
-    class GuardedAdamW(torch.optim.AdamW):
-        """AdamW that clips by global norm and skips the update when that norm is NaN/Inf.
-
-        Only for ZeRO-0 fp32 (see module doc): there gradients are already all-reduced when
-        step() runs, so every rank computes the same norm and takes the same decision.
-        """
-
-        def __init__(self, params, max_norm: float, **kw):
-            super().__init__(params, **kw)
-            self.max_norm = max_norm
-            self.overflow = False
-            self._global_grad_norm: float | None = None
-
-        @torch.no_grad()
-        def step(self, closure=None):
-            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            max_norm = self.max_norm if self.max_norm > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-            self._global_grad_norm = float(norm)
-            self.overflow = not torch.isfinite(norm).item()
-            if self.overflow:
-                return None
-            return super().step(closure)
-
-    return GuardedAdamW
-
-
-def build_optimizer(cfg: Config, model, on_cuda: bool):
-    """The client optimizer handed to DeepSpeed (see module doc for the choice)."""
-    import torch
+def build_optimizer(cfg: Config, model, guard):
+    """The client optimizer handed to DeepSpeed (see module doc for the choice); ``guard`` is the
+    device step's :class:`pretrain.optimizer.StepGuard`, None where DeepSpeed runs its own step."""
+    from pretrain.optimizer import GuardedAdamW  # lazy: torch loads after the config is checked
 
     groups, summary = param_groups(model, cfg.optim)
     o = cfg.optim
+    kw = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps}
     if cfg.deepspeed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         try:
-            opt = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+            opt = DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
         except Exception as e:  # the op is JIT-compiled on first use
             raise UserError(
                 f"deepspeed.offload_optimizer=true needs DeepSpeed's CPU Adam op, which failed to build ({e}); "
                 "install ninja and a C++ compiler, or set deepspeed.offload_optimizer=false"
             ) from e
         kind = "DeepSpeedCPUAdam"
-    elif uses_guarded_optimizer(cfg):
-        opt = _make_guarded_adamw()(groups, max_norm=cfg.train.grad_clip, fused=True, **_torch_adamw_kwargs(o))
-        kind = "GuardedAdamW(fused)"
     else:
-        opt = torch.optim.AdamW(groups, fused=True, **_torch_adamw_kwargs(o))
-        kind = "AdamW(fused)"
+        # ZeRO-0: DeepSpeed calls it with the full, all-reduced gradients, so it takes the norm itself.
+        opt = GuardedAdamW(groups, guard, owns_norm=cfg.deepspeed.zero_stage == 0, **kw)
+        kind = "AdamW(fused), " + ("clip and skip on the device" if guard is not None else "DeepSpeed clips and skips")
     log.info(
         "optimizer %s: %.2fM params with weight decay %.3g, %.2fM without (decay_norms=%s, decay_embeddings=%s)",
         kind, summary.decay / 1e6, o.weight_decay, summary.no_decay / 1e6, o.decay_norms, o.decay_embeddings,
@@ -254,12 +281,18 @@ def schedule_horizon(cfg: Config, dp_world: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def builds_partitioned(cfg: Config) -> bool:
+    """ZeRO-3 with ``deepspeed.zero3_init``: the model is built inside ``deepspeed.zero.Init``
+    (which also creates the model's other floating-point tensors in the engine's dtype)."""
+    return cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.zero3_init
+
+
 def model_init_context(cfg: Config, info) -> contextlib.AbstractContextManager:
     """Where to build the model: under ZeRO-3 (with ``deepspeed.zero3_init``) inside
     ``deepspeed.zero.Init``, which partitions each module's parameters as soon as it is built, so
     a model larger than one device (or one host's memory, counted over its ranks) can be built at
     all; otherwise a no-op."""
-    if cfg.deepspeed.zero_stage != 3 or not cfg.deepspeed.zero3_init:
+    if not builds_partitioned(cfg):
         return contextlib.nullcontext()
     import deepspeed
 
@@ -268,40 +301,70 @@ def model_init_context(cfg: Config, info) -> contextlib.AbstractContextManager:
 
 
 def build_engine(cfg: Config, model, info, run_dir: str | os.PathLike | None):
-    """Wrap ``model`` in a DeepSpeed engine; returns ``(engine, ds_config)``.
+    """Wrap ``model`` in a DeepSpeed engine; returns ``(engine, guard)``.
 
-    The config is logged and, on rank 0, written to ``run_dir/ds_config.json``.
+    ``guard`` is the device step's :class:`pretrain.optimizer.StepGuard` (None where DeepSpeed runs
+    its own step, see :func:`precision_path`). The DeepSpeed config is logged and, on rank 0,
+    written to ``run_dir/ds_config.json``.
     """
     import deepspeed  # lazy: DS_ACCELERATOR must be chosen (pretrain.dist) before deepspeed loads
-    from torch.optim.lr_scheduler import LambdaLR
 
-    on_cuda = info.device.startswith("cuda")
-    conf = deepspeed_config(cfg, info.world_size, on_cuda=on_cuda)
+    from pretrain.optimizer import (  # lazy: torch loads after the config is checked
+        LRSchedule,
+        StepGuard,
+    )
+
+    path = precision_path(cfg)
+    conf = deepspeed_config(cfg, info.world_size, on_cuda=info.device.startswith("cuda"))
     text = json.dumps(conf, indent=2, sort_keys=True)
     log.info("DeepSpeed config:\n%s", text)
+    log.info("precision path: %s", path)
     if run_dir is not None and info.rank == 0:
         write_text_atomic(Path(run_dir) / "ds_config.json", text + "\n")
 
     if cfg.train.fp8:  # before the optimizer: Float8Linear keeps the same weight parameters
         convert_to_fp8(model)
-    optimizer = build_optimizer(cfg, model, on_cuda)
-    factor = lr_multiplier(cfg.optim, schedule_horizon(cfg, info.world_size))
+    guard = StepGuard(cfg.train.grad_clip, info.device) if path.step == "device" else None
+    optimizer = build_optimizer(cfg, model, guard)
+    horizon = schedule_horizon(cfg, info.world_size)
+    factor = lr_multiplier(cfg.optim, horizon)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        lr_scheduler=lambda opt: LambdaLR(opt, factor),
+        lr_scheduler=lambda opt: LRSchedule(opt, factor, cfg.optim.lr, horizon, guard, info.device),
         config=conf,
         dist_init_required=False,
     )
-    return engine, conf
+    if guard is not None and cfg.deepspeed.zero_stage in (1, 2):
+        from pretrain.zero_step import adopt  # lazy: imports deepspeed, chosen above
+
+        adopt(engine.optimizer, guard)
+    if cfg.deepspeed.zero_stage == 0 and info.world_size == 1:
+        # One rank: DeepSpeed's gradient all-reduce would flatten, "reduce" and copy every
+        # gradient back unchanged (a mean over one rank multiplies by nothing).
+        engine.enable_backward_allreduce = False
+    return engine, guard
 
 
-def grad_norm(engine) -> float | None:
-    """The last step's global gradient norm as a float (None when DeepSpeed did not compute one)."""
-    n = engine.get_global_grad_norm()
-    if n is None:
-        return None
-    return float(n.item() if hasattr(n, "item") else n)
+def step_outcome(engine, guard, device: str):
+    """The last optimizer step's ``(found_inf, global gradient norm)`` as device tensors, read by
+    nobody until the loop's next logging step (pretrain.stepstats)."""
+    import torch  # lazy: see build_optimizer
+
+    if guard is not None:
+        return guard.found_inf, guard.norm
+    # DeepSpeed's own step decided on the host already: these reads cost nothing more.
+    norm = engine.get_global_grad_norm()
+    norm = float("nan") if norm is None else norm
+    return (torch.tensor(0.0 if engine.was_step_applied() else 1.0, device=device),
+            torch.as_tensor(norm, dtype=torch.float32).to(device))
+
+
+def grad_clip_of(engine) -> float | None:
+    """The gradient clip the engine applies: the device step's guard's, or DeepSpeed's own."""
+    opt = getattr(engine, "optimizer", None)
+    guard = getattr(opt, "guard", None)
+    return guard.grad_clip if guard is not None else getattr(opt, "clip_grad", None)
 
 
 def loss_scale(engine) -> float | None:

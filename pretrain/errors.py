@@ -16,6 +16,7 @@ from typing import TypeVar
 
 EXIT_USER_ERROR = 2
 EXIT_DISK_FULL = 5  # distinct: a requeue cannot help until someone frees space
+EXIT_LEASE_LOST = 6  # distinct: another job owns the directory now; do not requeue this one
 
 F = TypeVar("F", bound=Callable[..., int | None])
 
@@ -30,6 +31,13 @@ class DiskFullError(UserError):
     """A write ran out of space: the message names the directory; free space, rerun the same command."""
 
     exit_status = EXIT_DISK_FULL
+
+
+class LeaseLostError(UserError):
+    """Another job took over the directory's lease while this one ran: the message names it. The job
+    stops without writing anything more there (see pretrain.run_lease)."""
+
+    exit_status = EXIT_LEASE_LOST
 
 
 def is_disk_full(e: BaseException | None, path: str | os.PathLike | None = None) -> bool:
@@ -73,7 +81,7 @@ class ConfigError(UserError):
 
 def exit_on_user_error(fn: F) -> F:
     """Decorator for CLI mains: a UserError becomes one message on stderr and its exit status
-    (2; 5 for a full disk)."""
+    (2; 5 for a full disk; 6 for a lost lease)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -2,7 +2,9 @@
 
 Output: ``config.json`` (LlamaForCausalLM), ``model.safetensors``, ``generation_config.json``,
 ``tokenizer.json`` + ``tokenizer_config.json`` + ``special_tokens_map.json`` (eos = the document
-separator ``<|endoftext|>``) and ``export_info.json`` (which checkpoint, which step). Our parameter
+separator ``<|endoftext|>``) and ``export_info.json`` (which checkpoint, which step, which tokenizer).
+The tokenizer is always the copy saved with the checkpoint, the one its weights were trained with
+(there is no option to pass another); the export says so. Our parameter
 names map one to one onto Llama's and our RoPE already uses Llama's rotate_half layout, so the
 export is a renaming plus slicing the padded vocabulary rows back to ``model.vocab_size``.
 ``transformers`` is not needed to export (only to load the result).
@@ -22,9 +24,11 @@ from tokenizers import Tokenizer
 from pretrain.checkpoint import (
     TOKENIZER_FILE,
     CheckpointError,
+    TokenizerRef,
     consolidated_state_dict,
     load_checkpoint_config,
     resolve_checkpoint,
+    saved_tokenizer,
     verify_checkpoint,
 )
 from pretrain.config import ModelConfig
@@ -164,12 +168,15 @@ def model_config_from_hf(config: dict, source: str | os.PathLike = "config.json"
     )
 
 
-def _tokenizer_files(step_dir: Path, out: Path, cfg_max_len: int) -> int | None:
-    """Copy tokenizer.json and write the transformers side files; returns the eos id."""
+def _tokenizer_files(step_dir: Path, out: Path, cfg_max_len: int) -> tuple[int | None, TokenizerRef | None]:
+    """Copy the checkpoint's tokenizer.json and write the transformers side files; returns the eos
+    id and the tokenizer's identity."""
     src = step_dir / TOKENIZER_FILE
-    if not src.is_file():
+    tokenizer = saved_tokenizer(step_dir)
+    if tokenizer is None:
         log.warning("checkpoint %s holds no tokenizer copy: the export has no tokenizer files", step_dir)
-        return None
+        return None, None
+    log.info("tokenizer: the one saved with the checkpoint, %s", tokenizer.describe())
     shutil.copyfile(src, out / TOKENIZER_FILE)
     eos_id = Tokenizer.from_file(str(src)).token_to_id(EOS_TOKEN)
     if eos_id is None:
@@ -186,7 +193,7 @@ def _tokenizer_files(step_dir: Path, out: Path, cfg_max_len: int) -> int | None:
         "add_eos_token": False,
     })
     write_json_atomic(out / "special_tokens_map.json", {"eos_token": EOS_TOKEN, "bos_token": EOS_TOKEN})
-    return eos_id
+    return eos_id, tokenizer
 
 
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32") -> Path:
@@ -208,13 +215,15 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     tmp = out / ".model.safetensors.tmp"
     save_file(hf, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
-    eos_id = _tokenizer_files(step_dir, out, cfg.model.max_seq_len)
+    eos_id, tokenizer = _tokenizer_files(step_dir, out, cfg.model.max_seq_len)
     write_json_atomic(out / "config.json", hf_config(cfg.model, dtype, eos_id))
     write_json_atomic(out / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id, "do_sample": True})
     write_json_atomic(out / "export_info.json", {
         "checkpoint": str(step_dir.resolve()),
         "step": marker.get("step"),
         "dtype": dtype,
+        # generate checks the export's tokenizer.json against it (an export directory has no marker)
+        "tokenizer_sha256": tokenizer.sha256 if tokenizer else None,
         "our_model_config": {k: getattr(cfg.model, k) for k in cfg.model.__dataclass_fields__},
     })
     n = sum(v.numel() for v in hf.values())

@@ -7,9 +7,11 @@ unless ``PRETRAIN_CKPT_FAULT`` is set (also for subprocesses such as torchrun ra
 
 ``POINT`` is one of :data:`POINTS`; ``@STEP`` limits it to the save (or training step) of that
 step; ``%RANK`` to the process whose ``RANK`` environment variable (torchrun's global rank; 0 when
-unset) is RANK, so one rank of a job fails while the others go on; ``ACTION`` is ``kill`` (the default: SIGKILL, as a node failure would) or ``enospc`` (raise
-``OSError(ENOSPC)``, as a full disk would). Examples: ``after_shards@4``, ``after_rank_file:enospc``,
-``after_engine@4%1:enospc``.
+unset) is RANK, so one rank of a job fails while the others go on; ``ACTION`` is ``kill`` (the
+default: SIGKILL, as a node failure would), ``enospc`` (raise ``OSError(ENOSPC)``, as a full disk
+would) or ``stop`` (SIGSTOP: the process stalls there, as on a hung node or filesystem, until the
+test sends SIGCONT; a lease test takes the run directory over meanwhile). Examples:
+``after_shards@4``, ``after_rank_file:enospc``, ``after_engine@4%1:enospc``, ``before_marker@4%0:stop``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ POINTS = (
     "after_marker",  # marker written, `latest` not moved
     "after_latest",  # `latest` moved, old checkpoints not pruned yet
 )
-ACTIONS = ("kill", "enospc")
+ACTIONS = ("kill", "enospc", "stop")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,10 @@ def fault_point(point: str, step: int) -> None:
     if fault.action == "enospc":
         log.warning("fault injection %s: no space left on device at %s, step %d", FAULT_ENV, point, step)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (injected by {FAULT_ENV} at {point})")
+    if fault.action == "stop":
+        log.warning("fault injection %s: stopping this process at %s, step %d (until SIGCONT)", FAULT_ENV, point, step)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
     log.warning("fault injection %s: killing this process at %s, step %d", FAULT_ENV, point, step)
     logging.shutdown()
     os.kill(os.getpid(), signal.SIGKILL)

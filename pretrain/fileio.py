@@ -28,29 +28,35 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically and durably; parent directories are created."""
+def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = True) -> Path:
+    """Write ``text`` to ``path`` atomically (and durably); parent directories are created.
+
+    ``durable=False`` skips the fsyncs, for files whose loss in a machine crash is harmless and
+    that are rewritten often (a lease's heartbeat: a crash ends its holder too).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
     return path
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> Path:
+def write_json_atomic(path: str | os.PathLike, obj: Any, durable: bool = True, **dumps_kwargs: Any) -> Path:
     """JSON through :func:`write_text_atomic` (sorted keys, one-space indent unless overridden)."""
     dumps_kwargs.setdefault("indent", 1)
     dumps_kwargs.setdefault("sort_keys", True)
-    return write_text_atomic(path, json.dumps(obj, **dumps_kwargs) + "\n")
+    return write_text_atomic(path, json.dumps(obj, **dumps_kwargs) + "\n", durable=durable)
 
 
 def sha256_file(path: str | os.PathLike, fsync: bool = False) -> str:
@@ -69,3 +75,14 @@ def sha256_file(path: str | os.PathLike, fsync: bool = False) -> str:
             except OSError:
                 pass
     return h.hexdigest()
+
+
+def json_sha256(data: bytes) -> str:
+    """sha256 of a JSON document's canonical form (keys sorted, no whitespace, UTF-8).
+
+    The identity of a file by what it says, not how it is written: moving it, re-saving it with
+    another indentation or key order, or escaping its characters differently keeps the hash.
+    Raises ValueError when ``data`` is not JSON.
+    """
+    canonical = json.dumps(json.loads(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

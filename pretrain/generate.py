@@ -2,7 +2,9 @@
 
 A training checkpoint (run dir, checkpoint dir or step dir) is verified against its marker and
 its ZeRO shards consolidated; an export directory is read from ``model.safetensors`` (no pickle).
-Sampling is :func:`pretrain.sampling.generate` (KV cache, temperature, top-k, top-p, seed).
+The tokenizer is always the one saved with the model (the checkpoint's copy, or the export's, which
+must still be the one ``export_info.json`` records); the command says which. Sampling is
+:func:`pretrain.sampling.generate` (KV cache, temperature, top-k, top-p, seed).
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from tokenizers import Tokenizer
 
 from pretrain.checkpoint import (
     TOKENIZER_FILE,
+    TokenizerRef,
     consolidated_state_dict,
     load_checkpoint_config,
+    read_tokenizer,
     resolve_checkpoint,
+    saved_tokenizer,
 )
 from pretrain.config import ModelConfig
 from pretrain.errors import UserError
@@ -52,11 +57,15 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> tuple[An
             mc = model_config_from_hf(json.loads((p / "config.json").read_text()), p / "config.json")
         sd = from_hf_state_dict({k: v.float() for k, v in load_file(str(p / "model.safetensors")).items()}, mc)
         tok_dir = p
+        tokenizer = _exported_tokenizer(p, info)
+        source = "exported with the model"
     else:
         step_dir = resolve_checkpoint(p)
         mc = load_checkpoint_config(step_dir).model
         sd = consolidated_state_dict(step_dir, verify=True)
         tok_dir = step_dir
+        tokenizer = saved_tokenizer(step_dir)
+        source = "saved with the checkpoint"
     mc = dataclasses.replace(mc, compile=False, activation_checkpointing="none")
     model = Transformer(mc)
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -65,11 +74,26 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> tuple[An
     model.to(device).eval()
 
     tok, eos_id = None, None
-    if (tok_dir / TOKENIZER_FILE).is_file():
+    if tokenizer is not None:
+        log.info("tokenizer: the one %s, %s", source, tokenizer.describe())
         tok = Tokenizer.from_file(str(tok_dir / TOKENIZER_FILE))
         eos_id = tok.token_to_id(EOS_TOKEN)
     return model, tok, eos_id
 
+
+def _exported_tokenizer(export_dir: Path, info: dict) -> TokenizerRef | None:
+    """The export's tokenizer.json, refused when it is not the one the export wrote (an export
+    directory is loose files: a tokenizer copied over it would decode the ids into other text)."""
+    path = export_dir / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    tokenizer = read_tokenizer(path)[1]
+    expected = info.get("tokenizer_sha256")
+    if expected and tokenizer.sha256 != expected:
+        raise UserError(f"{path} is not the tokenizer this model was exported with: its sha256 is "
+                        f"{tokenizer.sha256[:12]}, {export_dir / 'export_info.json'} records {expected[:12]} (the "
+                        f"checkpoint's tokenizer); copy the checkpoint's tokenizer.json back or export again")
+    return tokenizer
 
 def generate_text(model: Any, tok: Any, eos_id: int | None, prompt: str, *, max_new_tokens: int = 64,
                   temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = 0.95,

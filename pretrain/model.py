@@ -147,6 +147,28 @@ def project_or_loss(h, weight, labels, cfg: ModelConfig) -> torch.Tensor:
                                  chunk, compiled=cfg.compile)
 
 
+# model.activation_checkpointing=selective: inside each block keep the outputs of the matmuls and
+# of the fused attention kernels, the expensive ops, and recompute everything else in backward
+# (RMSNorm, RoPE, SwiGLU's activation and product, casts, residual adds: cheap elementwise work that
+# still stores one or more [tokens x width] tensors per op). torchtitan's "selective op" policy.
+# The eager attention reference is recomputed too: its [T x T] scores are what memory cannot hold.
+def _existing_ops(namespace, *names: str) -> frozenset:
+    """The ops of this torch build among ``names`` (overload ``default`` for aten ops)."""
+    found = (getattr(namespace, n, None) for n in names)
+    return frozenset(getattr(op, "default", op) for op in found if op is not None)
+
+
+SELECTIVE_SAVE = _existing_ops(
+    torch.ops.aten, "mm", "addmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+) | _existing_ops(torch.ops.higher_order, "flex_attention")
+
+
+def _save_matmuls_and_attention(ctx, op, *args, **kwargs):
+    policy = torch.utils.checkpoint.CheckpointPolicy
+    return policy.MUST_SAVE if op in SELECTIVE_SAVE else policy.PREFER_RECOMPUTE
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -268,7 +290,8 @@ class Transformer(nn.Module):
 
         for i, block in enumerate(self.blocks):
             if self.training and self._checkpointed(i):
-                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, backend, mask, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, backend, mask, use_reentrant=False,
+                                                      context_fn=self._checkpoint_context)
             else:
                 h = block(h, cos, sin, backend, mask, cache)
         h = self.norm(h)
@@ -281,7 +304,14 @@ class Transformer(nn.Module):
 
     def _checkpointed(self, i: int) -> bool:
         mode = self.cfg.activation_checkpointing
-        return mode == "full" or (mode == "every_n" and i % self.cfg.checkpoint_every_n == 0)
+        return mode in ("full", "selective") or (mode == "every_n" and i % self.cfg.checkpoint_every_n == 0)
+
+    def _checkpoint_context(self):
+        """What a checkpointed block keeps for backward: nothing but its inputs, or with
+        ``selective`` also the outputs of :data:`SELECTIVE_SAVE` (see there)."""
+        if self.cfg.activation_checkpointing != "selective":
+            return torch.utils.checkpoint.noop_context_fn()
+        return torch.utils.checkpoint.create_selective_checkpoint_contexts(_save_matmuls_and_attention)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

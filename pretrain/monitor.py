@@ -2,7 +2,9 @@
 
 Kept out of the loop body (the loop calls ``monitor.log_train`` / ``log_eval`` and nothing else).
 Only global rank 0 writes files, talks to wandb or draws the progress bar; other ranks get a
-monitor whose methods do nothing, so the loop needs no ``if rank == 0``.
+monitor whose methods do nothing, so the loop needs no ``if rank == 0``. Nothing is written once
+``may_write`` says no (the run directory's lease was lost to another job): not a metrics line, not
+wandb (its finish would close the run the new owner continues), not the loss curve.
 
 metrics.jsonl holds one JSON object per line: ``{"kind": "train" | "eval", "step": …, "time": …,
 <metric>: …}`` with the same metric names as wandb (``train/loss``, ``val/ppl``, …). A resumed run
@@ -18,6 +20,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from data_pipelines.loaders import source_summaries
@@ -155,12 +158,15 @@ class Monitor:
     """Rank 0: metrics.jsonl + wandb + progress bar + log lines. Other ranks: no-ops."""
 
     def __init__(self, cfg: Config, rank: int, run_dir: str | os.PathLike, start_step: int,
-                 wandb_run_id: str | None, total_steps: int):
+                 wandb_run_id: str | None, total_steps: int, may_write: Callable[[], bool] | None = None):
         self.enabled = rank == 0
+        self.may_write = may_write or (lambda: True)  # e.g. RunLease.still_ours
         self.run_dir = Path(run_dir)
         self.wandb: WandbLogger | None = None
         self.bar = None
         self._file = None
+        if self.enabled and not self.may_write():  # lost while setting up: do not even open the files
+            self.enabled = False
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -186,18 +192,19 @@ class Monitor:
         if self.wandb:
             self.wandb.log({"train/step": step, **metrics})
 
-    def progress(self, step: int, loss: float, tokens_per_s: float | None, mfu: float | None) -> None:
-        """Called every step on rank 0: advance the bar."""
+    def progress(self, step: int, loss: float | None, tokens_per_s: float | None, mfu: float | None) -> None:
+        """Called every step on rank 0: advance the bar (``loss``: the last logged one; reading the
+        current step's would make the host wait for the device)."""
         if self.bar is None:
             return
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix_str(
-            f"loss {loss:.4f} | {_fmt(tokens_per_s, ',.0f')} tok/s | MFU {_fmt(None if mfu is None else 100 * mfu, '.1f')}%",
+            f"loss {_fmt(loss, '.4f')} | {_fmt(tokens_per_s, ',.0f')} tok/s | MFU {_fmt(None if mfu is None else 100 * mfu, '.1f')}%",
             refresh=False,
         )
 
     def log_train(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
+        if not self.enabled or not self.may_write():
             return
         self._write("train", step, metrics)
         msg = (
@@ -213,14 +220,14 @@ class Monitor:
 
     def log_setup(self, info: dict) -> None:
         """Once per run: model size, batch shape, per-rank parameter partition (JSON line + wandb config)."""
-        if not self.enabled:
+        if not self.enabled or not self.may_write():
             return
         self._file.write(json.dumps({"kind": "setup", "step": 0, "time": round(time.time(), 3), **info}) + "\n")
         if self.wandb:
             self.wandb.run.config.update(info, allow_val_change=True)
 
     def log_eval(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
+        if not self.enabled or not self.may_write():
             return
         self._write("eval", step, metrics)
         self._log(f"step {step} | val loss {metrics['val/loss']:.4f} | val ppl {metrics['val/ppl']:.2f}")
@@ -238,6 +245,8 @@ class Monitor:
             self.bar.close()
         if self._file is not None:
             self._file.close()
+        if not self.may_write():
+            return
         if self.wandb:
             self.wandb.finish(exit_code)
         png = plot_loss_curve(self.run_dir / METRICS_FILE, self.run_dir / LOSS_CURVE_FILE)

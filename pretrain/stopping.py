@@ -1,4 +1,4 @@
-"""When and why the training loop stops: one policy, fed by signals and non-finite accounting.
+"""When and why the training loop stops: one policy, fed by signals and the step statistics.
 
 Every reason to stop is decided here, in one order of priority:
 
@@ -7,14 +7,14 @@ Every reason to stop is decided here, in one order of priority:
     time budget                train.max_time_s (counted from process start: it is the job's budget)
     limits                     train.max_steps, train.max_tokens
 
-The signal and the time budget are local observations; the loop all-reduces them
-(:meth:`StopPolicy.requests`) so every rank takes the same decision at the same step.
+The signal and the time budget are local observations; the loop agrees on them over the ranks
+(:meth:`StopPolicy.requests`, pretrain.dist.LateAgreement) so every rank takes the same decision
+at the same step. The count of non-finite steps comes from pretrain.stepstats, already agreed.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import threading
 import time
@@ -59,38 +59,6 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-@dataclass
-class NonFinite:
-    """Skipped updates and the current run of non-finite steps (identical on every rank)."""
-
-    precision: str
-    in_a_row: int = 0
-
-    def account(self, state: Any, step: int, loss: float, applied: bool, gnorm: float | None) -> bool:
-        """Update the counters after a step; returns True when the step was non-finite.
-
-        DeepSpeed already skipped the update on every rank (see engine.py). With fp16 a skip with
-        a finite loss is the loss scaler calibrating, not a failure, even though DeepSpeed then
-        reports an infinite gradient norm (a start at 2**16 overflows several steps in a row); a
-        real fp16 divergence ends in DeepSpeed's own error at its minimum loss scale.
-        """
-        if self.precision == "fp16":
-            nonfinite = not math.isfinite(loss)
-        else:
-            nonfinite = not math.isfinite(loss) or not applied or (gnorm is not None and not math.isfinite(gnorm))
-        if not applied:
-            state.skipped_steps += 1
-        if not nonfinite:
-            self.in_a_row = 0
-            return False
-        self.in_a_row += 1
-        log.warning("step %d: non-finite loss (%s) or gradient norm (%s): update skipped (%d in a row)",
-                    step, loss, gnorm, self.in_a_row)
-        if applied:
-            log.error("step %d: non-finite loss but DeepSpeed applied the update", step)
-        return True
-
-
 class StopPolicy:
     """Decides, from values every rank agrees on, whether the loop stops and why."""
 
@@ -113,7 +81,8 @@ class StopPolicy:
         return None
 
     def after_step(self, agreed: tuple[bool, bool], nonfinite_in_a_row: int) -> Stop | None:
-        """The decision after a step from the agreed requests (the limits are checked by
+        """The decision after a step from the agreed requests and the longest run of non-finite
+        steps read since the last decision (0 when not read; the limits are checked by
         :meth:`limit` before the next one); divergence wins over everything."""
         by_signal, by_time = agreed
         if nonfinite_in_a_row >= self.t.max_nonfinite_in_a_row:

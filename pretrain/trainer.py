@@ -4,26 +4,35 @@ Layout, top to bottom::
 
     setup(cfg)                 process group, run-dir lease, seed, tokenizer, loader, model, engine
     train(cfg)                 signals -> setup -> resume -> monitor -> loop -> final save -> status
-      loop:  train_step        micro-batches (from the Prefetcher thread) through forward /
-                               backward / engine.step
-             agree             one all-reduce: mean loss + stop requests (signal, time budget)
-             NonFinite         skipped / non-finite steps (DeepSpeed skips the update itself)
+      loop:  run_step          micro-batches (from the Prefetcher thread) through forward /
+                               backward / engine.step, then StepStats.record: no host sync
+             LateAgreement     stop requests (signal, time budget, rank 0 found the run
+                               directory's lease lost) OR-ed over ranks, one step late
+             StepStats.read    loss, skipped / non-finite steps: the one host sync, on logging
+                               steps and before a decision that needs them (a save, a stop)
              StopPolicy        every reason to stop, in one place (pretrain/stopping.py)
              _log_step         progress bar, metrics.jsonl + wandb every train.log_every steps
              evaluate          every train.eval_every steps (and at a normal end)
              checkpoint        when due, and on every exit path (checkpoint.save_on_exit)
              HangWatchdog      beaten after every step, paused for evaluation and saves
 
-``bench`` reuses ``setup``, ``Prefetcher`` and ``train_step``: the benchmark times this code.
+``bench`` reuses ``setup``, ``Prefetcher`` and ``run_step``: the benchmark times this code.
 
+A step that is not a logging step never reads a value the device computed, so the host runs ahead
+of the GPU (the optimizer's clip / skip / learning rate stay on the device, pretrain/optimizer.py).
 Every rank takes every decision from reduced values, so ranks never disagree about stopping,
-skipping or saving. Exit status: 0 on a normal stop or a signal (SIGTERM/SIGUSR1: the current
+skipping or saving. With several ranks a signal or the time budget stops the run one step after
+the step in which some rank saw it (one rank: that step); ``train.max_nonfinite_in_a_row`` stops
+it at the first read after a run of that many non-finite steps (the next logging step; their
+updates were all skipped). Exit status: 0 on a normal stop or a signal (SIGTERM/SIGUSR1: the current
 step finishes, the run saves and exits 0 so SLURM can requeue it), 3 after
 ``train.max_nonfinite_in_a_row`` consecutive non-finite steps (also when a signal came at the same
 time: a diverged run must not be requeued), 4 when the hang watchdog fired (pretrain/hang.py; nothing
 is saved), 2 when another job holds the run directory's lease (pretrain/run_lease.py), 5 when a
 checkpoint save ran out of disk space (pretrain/checkpoint/checkpointer.py; not worth a blind
-requeue), 1 on an exception (wandb marks the run failed).
+requeue), 6 when another job took the run directory's lease over while this one ran (every rank
+stops at once, writing nothing more; do not requeue: the directory is the other job's now), 1 on an
+exception (wandb marks the run failed).
 
 Test hook: ``PRETRAIN_INJECT_NAN_STEPS=5,6`` multiplies global rank 0's loss by NaN at those
 (1-based) steps; the NaN reaches every rank through the gradient all-reduce, exactly like a real
@@ -50,23 +59,31 @@ import torch.distributed as dist
 from data_pipelines.loaders import Prefetcher, build_train_loader, build_val_loader, load_tokenizer
 from pretrain.checkpoint import Checkpointer, TrainState
 from pretrain.config import Config, save_resolved
-from pretrain.dist import broadcast_flag, init_distributed, select_accelerator
+from pretrain.dist import (
+    LateAgreement,
+    broadcast_flag,
+    broadcast_object,
+    init_distributed,
+    select_accelerator,
+)
 from pretrain.engine import (
     build_engine,
     check_device_support,
-    grad_norm,
     loss_scale,
     model_init_context,
     param_counts,
     resolve_precision,
     schedule_horizon,
+    step_outcome,
 )
-from pretrain.errors import UserError
+from pretrain.errors import LeaseLostError, UserError
 from pretrain.hang import HangWatchdog
 from pretrain.model import Transformer
 from pretrain.monitor import Monitor, Throughput, flops_and_peak, memory_bytes
-from pretrain.run_lease import RunLease
-from pretrain.stopping import NonFinite, Stop, StopPolicy, StopSignals
+from pretrain.plan.check import check_memory_plan
+from pretrain.run_lease import RunLease, stop_process
+from pretrain.stepstats import StepReport, StepStats
+from pretrain.stopping import Stop, StopPolicy, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +107,7 @@ class Session:
     tokenizer_path: str | None
     run_dir: Path
     tokens_per_step: int  # global tokens per optimizer step
+    guard: Any = field(default=None)  # the device step's StepGuard (None: DeepSpeed's own step)
     val_cache: list | None = field(default=None)
     lease: RunLease | None = field(default=None)  # held by global rank 0 of a training run
 
@@ -125,11 +143,11 @@ def setup(cfg: Config, write_run_files: bool = True, held: contextlib.ExitStack 
         model = Transformer(cfg.model)
     if info.device != "cpu" and isinstance(init_context, contextlib.nullcontext):
         model = model.to(info.device)  # (zero.Init already placed its partitions)
-    engine, _ = build_engine(cfg, model, info, run_dir if write_run_files else None)
+    engine, guard = build_engine(cfg, model, info, run_dir if write_run_files else None)
     torch.manual_seed(cfg.run.seed + 1 + info.rank)  # per-rank stream for anything stochastic after init
     t = cfg.train
     tokens = t.micro_batch_size * t.grad_accum_steps * info.world_size * cfg.data.seq_len
-    return Session(cfg, info, model, engine, loader, tokenizer, tokenizer_path, run_dir, tokens, lease=lease)
+    return Session(cfg, info, model, engine, loader, tokenizer, tokenizer_path, run_dir, tokens, guard=guard, lease=lease)
 
 
 def take_lease(cfg: Config, info) -> RunLease | None:
@@ -152,12 +170,24 @@ def take_lease(cfg: Config, info) -> RunLease | None:
     return lease
 
 
+def lease_lost_here(s: Session) -> bool:
+    """This rank's view: the lease's holder (global rank 0) found it lost (heartbeat or a writer)."""
+    return s.lease is not None and s.lease.lost is not None
+
+
+def lost_lease_everywhere(s: Session) -> LeaseLostError:
+    """Collective, once every rank agreed the lease is lost: rank 0's message naming the new owner."""
+    return LeaseLostError(broadcast_object(str(s.lease.lost) if s.lease else None))
+
+
 def _load_tokenizer(cfg: Config):
-    """The tokenizer, loaded once and shared by both loaders (None in pretokenized mode without one)."""
+    """The tokenizer, loaded once and shared by both loaders (None in pretokenized mode without one),
+    and its file (data.tokenizer may name the directory holding it)."""
     path = cfg.data.tokenizer
     if cfg.data.mode == "pretokenized" and not Path(path).is_file():
         return None, None
-    return load_tokenizer(path), str(path)
+    tokenizer = load_tokenizer(path)
+    return tokenizer, tokenizer.source_path
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,25 +223,13 @@ def train_step(engine, batches: Prefetcher, accum: int, device: str, inject_nan:
     return torch.stack(losses).mean(), wait
 
 
-def agree(local_loss: torch.Tensor, requests: tuple[bool, ...], device: str, world: int) -> tuple[float, tuple[bool, ...]]:
-    """One all-reduce per step: the global mean loss and, per request, whether any rank made it."""
-    if world == 1:
-        return float(local_loss), tuple(requests)
-    t = torch.stack([local_loss.to(device)] + [torch.tensor(float(r), device=device) for r in requests])
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    loss, *flags = t.tolist()
-    return loss / world, tuple(f > 0 for f in flags)
-
-
-def step_grad_norm(engine, applied: bool, logging: bool) -> float | None:
-    """The step's global gradient norm, read only on a logging step or a skipped update.
-
-    Reading it is a host sync that waits for the optimizer's kernels, so the next forward is
-    launched into an idle GPU. An applied update already had a finite norm (DeepSpeed's overflow
-    check, or GuardedAdamW on ZeRO-0 fp32, skips every other one; see pretrain.engine), so on the
-    other steps there is nothing to learn from it.
-    """
-    return grad_norm(engine) if logging or not applied else None
+def run_step(s: Session, batches: Prefetcher, stats: StepStats, inject_nan: bool = False) -> float:
+    """One optimizer step as training runs it, accounted on the device (no host sync); returns the
+    seconds spent waiting for the loader."""
+    info = s.info
+    local_loss, wait = train_step(s.engine, batches, s.cfg.train.grad_accum_steps, info.device, inject_nan)
+    stats.record(local_loss, *step_outcome(s.engine, s.guard, info.device))
+    return wait
 
 
 def evaluate(session: Session) -> dict | None:
@@ -264,14 +282,18 @@ def train(cfg: Config) -> int:
     nan_steps = _nan_steps()  # a malformed test hook fails before any set-up
     # Signals first (a preemption during set-up still saves); the lease is released on every way out.
     with StopSignals() as signals, contextlib.ExitStack() as held:
-        return _train(cfg, StopPolicy(cfg.train, signals, started), nan_steps, held)
+        try:
+            return _train(cfg, StopPolicy(cfg.train, signals, started), nan_steps, held)
+        except LeaseLostError as lost:  # every rank, at the same step or save phase
+            stop_process(lost)
 
 
 def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextlib.ExitStack) -> int:
+    check_memory_plan(cfg)  # a config that cannot fit stops here, not with an out-of-memory error at step 1
     s = setup(cfg, held=held)
     cfg = s.cfg  # precision resolved for this device
     info, engine, t = s.info, s.engine, cfg.train
-    checkpointer = Checkpointer(cfg, engine, info, s.tokenizer_path)
+    checkpointer = Checkpointer(cfg, engine, info, s.tokenizer_path, lease=s.lease)
     state = TrainState()
     resumed = checkpointer.resume()  # before wandb: the wandb run id lives in the checkpoint
     if resumed is not None:
@@ -280,14 +302,18 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
             s.loader.load_state_dict(loader_state)
         log.info("resumed at step %d (%d tokens seen)", state.step, state.tokens_seen)
 
-    monitor = Monitor(cfg, info.rank, s.run_dir, state.step, state.wandb_run_id, schedule_horizon(cfg, info.world_size))
+    monitor = Monitor(cfg, info.rank, s.run_dir, state.step, state.wandb_run_id, schedule_horizon(cfg, info.world_size),
+                      may_write=s.lease.still_ours if s.lease else None)
     state.wandb_run_id = monitor.wandb_run_id or state.wandb_run_id
     flops_per_token, peak = flops_and_peak(cfg, info.device)
     meter = Throughput(flops_per_token, peak, info.world_size)
     _log_setup(s, monitor, flops_per_token, peak)
 
     batches = Prefetcher(s.loader, depth=max(2, cfg.data.prefetch))
-    nonfinite = NonFinite(t.precision)
+    stats = StepStats(t.precision, info.device, info.world_size)
+    agreement = LateAgreement(len(policy.requests()) + 1, t.collective_timeout_s)  # + the lease
+    skipped_before = state.skipped_steps  # a resumed run's; the stats count this run's
+    report: StepReport | None = None
     # Armed by the first step's beat: start-up, resume and compilation never count as a hang.
     watchdog = HangWatchdog(t.hang_timeout_s, s.run_dir, info.rank, info.world_size,
                             on_fire=s.lease.release if s.lease else None).start()
@@ -298,30 +324,43 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
         while stop is None:
             t0 = time.perf_counter()
             step = state.step + 1
-            lr = engine.get_lr()[0]  # the rate this step's update uses
-            local_loss, wait = train_step(engine, batches, t.grad_accum_steps, info.device,
-                                          inject_nan=step in nan_steps and info.rank == 0)
-            loss, agreed = agree(local_loss, policy.requests(), info.device, info.world_size)
+            logging = step % t.log_every == 0
+            lr = engine.lr_scheduler.current() if logging else None  # the rate this step's update uses
+            wait = run_step(s, batches, stats, inject_nan=step in nan_steps and info.rank == 0)
+            # The previous step's requests, agreed by every rank (see LateAgreement).
+            *agreed, lease_lost = agreement.exchange((*policy.requests(), lease_lost_here(s)))
+            agreed = tuple(agreed)
+            if lease_lost:  # nothing more is written: no metrics, no evaluation, no checkpoint
+                raise lost_lease_everywhere(s)
             watchdog.beat()
             state.step, state.tokens_seen = step, state.tokens_seen + s.tokens_per_step
+            report_now = None  # read only where a log line or a decision needs the counts
+            if logging or any(agreed) or policy.limit(state):
+                report = report_now = _read_stats(stats, state, skipped_before, step)
+            # After the read: its wait for the device is the time the steps since the last read took.
             meter.update(s.tokens_per_step, time.perf_counter() - t0, wait)
-            applied = engine.was_step_applied()
-            gnorm = step_grad_norm(engine, applied, step % t.log_every == 0)
-            bad = nonfinite.account(state, step, loss, applied, gnorm)
-            stop = policy.after_step(agreed, nonfinite.in_a_row)
-
-            _log_step(s, monitor, meter, state, loss, lr, gnorm, nonfinite.in_a_row, force=bad)
-            evaluating = bool(t.eval_every) and step % t.eval_every == 0 and not (stop and stop.preempted)
+            stop = policy.after_step(agreed, report_now.longest_nonfinite_run if report_now else 0)
+            _log_step(s, monitor, meter, state, report_now if logging else None, lr,
+                      bar_loss=report.loss if report else None)
             saving = checkpointer.due(step)
+            if saving and report_now is None:  # the checkpoint records the skipped steps: count them first
+                report = report_now = _read_stats(stats, state, skipped_before, step)
+                stop = policy.after_step(agreed, report_now.longest_nonfinite_run)
+            evaluating = bool(t.eval_every) and step % t.eval_every == 0 and not (stop and stop.preempted)
             with watchdog.paused():
                 if evaluating:
                     _eval_and_log(s, monitor, step)
                 if saving:
                     checkpointer.save(state, batches.state)
             if (evaluating or saving) and stop is None:  # a signal that came meanwhile stops here
-                signalled = agree(torch.zeros(()), policy.requests()[:1], info.device, info.world_size)[1][0]
+                signalled, *_, lease_lost = agreement.now((*policy.requests(), lease_lost_here(s)))
+                if lease_lost:
+                    raise lost_lease_everywhere(s)
                 stop = policy.after_pause(signalled)
             stop = stop or policy.limit(state)
+        agreement.close()
+        if stats.steps_unread:  # a stop right after an evaluation: count its steps before the save
+            _read_stats(stats, state, skipped_before, state.step)
 
         watchdog.stop()  # the final evaluation and save are not steps
         # A final evaluation on a normal end (not on preemption: the grace period is short).
@@ -341,22 +380,32 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
     return stop.exit_code
 
 
-def _log_step(s: Session, monitor, meter, state, loss: float, lr: float, gnorm: float | None,
-              in_a_row: int, force: bool) -> None:
-    """Progress bar every step; metrics every train.log_every steps (and on every non-finite step)."""
+def _read_stats(stats: StepStats, state, skipped_before: int, step: int) -> StepReport:
+    """Read the step statistics (a host sync), update the train state's skip count, warn."""
+    report = stats.read()
+    state.skipped_steps = skipped_before + report.skipped_steps
+    if report.longest_nonfinite_run:
+        log.warning("up to step %d: non-finite loss or gradient norm, update(s) skipped (longest run %d, %d in a "
+                    "row now, %d skipped in all)", step, report.longest_nonfinite_run, report.nonfinite_in_a_row,
+                    state.skipped_steps)
+    return report
+
+
+def _log_step(s: Session, monitor, meter, state, report: StepReport | None, lr, bar_loss: float | None) -> None:
+    """Progress bar every step (with the last loss read, ``bar_loss``); metrics when ``report`` is
+    given (every train.log_every steps)."""
     step, engine = state.step, s.engine
-    due = step % s.cfg.train.log_every == 0
     perf = meter.summary()  # the window so far: the bar shows a rate on every step
-    monitor.progress(step, loss, perf.get("tokens_per_s"), perf.get("mfu"))
-    if not (due or force):
+    monitor.progress(step, bar_loss, perf.get("tokens_per_s"), perf.get("mfu"))
+    if report is None:
         return
     monitor.log_train(step, {
-        "train/loss": loss,
-        "train/lr": lr,
-        "train/grad_norm": gnorm,
+        "train/loss": report.loss,
+        "train/lr": float(lr),
+        "train/grad_norm": report.grad_norm,
         "train/tokens_seen": state.tokens_seen,
         "train/skipped_steps": state.skipped_steps,
-        "train/nonfinite_in_a_row": in_a_row,
+        "train/nonfinite_in_a_row": report.nonfinite_in_a_row,
         "train/loss_scale": loss_scale(engine),
         "perf/tokens_per_s": perf.get("tokens_per_s"),
         "perf/tokens_per_s_per_device": perf.get("tokens_per_s_per_device"),
@@ -365,8 +414,7 @@ def _log_step(s: Session, monitor, meter, state, loss: float, lr: float, gnorm: 
         "perf/loader_wait_frac": perf.get("loader_wait_frac"),
         "perf/memory_bytes": memory_bytes(s.info.device),
     })
-    if due:
-        meter.reset()
+    meter.reset()
 
 
 def _eval_and_log(s: Session, monitor, step: int) -> None:

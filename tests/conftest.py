@@ -23,6 +23,10 @@ for helpers in ("pretrain", "pretrain/checkpoint", "data_pipelines/loading"):
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed compiles its CPU communication op (deepspeed_shm_comm) on first use into the torch
+# extensions cache. One cache per environment: checkouts with different venvs on one machine would
+# otherwise rebuild each other's copy, each build waiting on the same lock for minutes.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from data_pipelines.evaluation.pii_heldout import make_heldout_set
+from data_pipelines.scrub.filters.pii import VERSION as PII_VERSION
 from data_pipelines.scrub.filters.pii import PIIRedactor, measure_throughput
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def bench_scrub(cfg, pii_only: bool = False) -> int:
         redactor.redact(texts[0])  # warm-up
         result["pii_mb_per_s"] = round(measure_throughput(redactor, texts, repeat=3), 2)
         result["pii_bar_mb_per_s"] = PII_BAR_MB_S
+        result.update(pii_engine=redactor.engine, pii_version=PII_VERSION)  # what was measured, for comparisons
         # The same articles with PII sprinkled in: a held-out document after every paragraph
         # break, so validators (phonenumbers above all) run on the hot path.
         extra = [r["text"] for r in make_heldout_set(seed=1)]

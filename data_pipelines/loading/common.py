@@ -130,7 +130,8 @@ def worker_iter(dataset, num_workers: int, prefetch: int) -> Iterator:
 def ignore_stop_signals(_worker_id: int) -> None:
     """Workers leave SIGTERM/SIGUSR1 to the trainer.
 
-    A preemption signal reaches the whole process group (SLURM, `pkill -f`); if it killed the
+    A preemption signal reaches every process of the job step (SLURM signals all of them, and
+    launch/slurm.sbatch forwards SIGUSR1 with `scancel --signal`); if it killed the
     workers, the trainer would die on a broken loader before it could finish its step and save.
     Workers still exit with the trainer: torch's watchdog stops them when their parent is gone.
     """

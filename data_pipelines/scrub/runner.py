@@ -75,7 +75,7 @@ from data_pipelines.scrub.planting import CopyTracker, UnitCanaries
 from data_pipelines.scrub.readers import InputUnit, input_info, read_unit, resolve_inputs
 from pretrain.errors import DiskFullError, UserError, is_disk_full
 from pretrain.fileio import write_json_atomic
-from pretrain.run_lease import LEASE_NAME, RunLease
+from pretrain.run_lease import LEASE_NAME, RunLease, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -609,9 +609,22 @@ def _check_input_unchanged(out: Path, unit: InputUnit) -> None:
                         f"{size} now); use another scrub.output or delete {out} to scrub it again")
 
 
-def _run_pool(fn, jobs: list[tuple], workers: int) -> list[dict]:
+def _confirm_owner(lease: RunLease) -> None:
+    """Read from disk now that this scrub rank still owns its lease (a lost one ends the process)."""
+    if not lease.still_ours(max_age_s=0):
+        raise lease.lost
+
+
+def _run_pool(fn, jobs: list[tuple], workers: int, lease: RunLease) -> list[dict]:
+    """Run the jobs (a unit or a bucket each), each started only once the lease is confirmed ours;
+    a lease lost meanwhile ends the process and its pool workers (``stop_process``)."""
     if workers <= 1 or len(jobs) <= 1:
-        return [fn(*j) for j in jobs]
+        done = []
+        for j in jobs:
+            _confirm_owner(lease)
+            done.append(fn(*j))
+        return done
+    _confirm_owner(lease)
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as ex:
         futures = [ex.submit(fn, *j) for j in jobs]
         return [fut.result() for fut in futures]
@@ -635,19 +648,21 @@ def _wait_for(paths: list[Path], timeout_s: float, what: str, kind: str = "unit(
 
 def lease_name(rank: int, world_size: int) -> str:
     """One lease per rank when several ranks share scrub.output (array tasks do so legitimately)."""
-    return LEASE_NAME if world_size <= 1 else f".lease-rank-{rank}.json"
+    return LEASE_NAME if world_size <= 1 else f".lease-rank-{rank}"
 
 
 def run_scrub(cfg) -> int:
     """Run (or resume) the scrub described by ``cfg.scrub``; returns the exit status.
 
     Holds the output directory's lease (per rank, see :func:`lease_name`) from before the first
-    write to the end; a full output filesystem becomes one DiskFullError naming scrub.output."""
+    write to the end; losing it to another job ends the process at once (exit 6, one line naming
+    that job, workers killed, nothing more written). A full output filesystem becomes one
+    DiskFullError naming scrub.output."""
     s = cfg.scrub
     with RunLease.acquire(s.output, cfg.run.lease_heartbeat_s, cfg.run.lease_stale_s, what="scrub.output",
-                          name=lease_name(s.rank, s.world_size)):
+                          name=lease_name(s.rank, s.world_size), on_lost=stop_process) as lease:
         try:
-            return _run_scrub(cfg)
+            return _run_scrub(cfg, lease)
         except Exception as e:
             if not is_disk_full(e, s.output):
                 raise
@@ -657,7 +672,7 @@ def run_scrub(cfg) -> int:
                 "then rerun the same command: finished units are kept, unfinished ones are redone.") from e
 
 
-def _run_scrub(cfg) -> int:
+def _run_scrub(cfg, lease: RunLease) -> int:
     s = cfg.scrub
     t_start = time.perf_counter()
     out = Path(s.output)
@@ -682,7 +697,7 @@ def _run_scrub(cfg) -> int:
                 _check_input_unchanged(out, u)
         if len(todo) < len(mine):
             log.info("phase 1: %d unit(s) already done, skipped", len(mine) - len(todo))
-        _run_pool(phase1_unit, [(u, cfg, str(out), _unit_canaries(plan, u)) for u in todo], s.workers)
+        _run_pool(phase1_unit, [(u, cfg, str(out), _unit_canaries(plan, u)) for u in todo], s.workers, lease)
         if s.stage == "signatures":
             return 0
 
@@ -694,14 +709,14 @@ def _run_scrub(cfg) -> int:
             todo_b = [b for b in my_buckets if not lay.exact_out(b)[1].exists()]
             if todo_b:
                 _wait_for([_p1_paths(out, u)[2] for u in units], timeout, "phase 1 (signatures)")
-                _run_pool(exact_step, [(cfg, str(out), keys, b) for b in todo_b], s.workers)
+                _run_pool(exact_step, [(cfg, str(out), keys, b) for b in todo_b], s.workers, lease)
             if s.stage == "buckets":
                 return 0
         if s.stage in ("all", "pairs"):
             todo_b = [b for b in my_buckets if not lay.pairs_out(b)[1].exists()]
             if todo_b:
                 _wait_for([lay.exact_out(b)[1] for b in range(nb)], timeout, "dedup step 'buckets'", "bucket(s)")
-                _run_pool(pairs_step, [(cfg, str(out), keys, b) for b in todo_b], s.workers)
+                _run_pool(pairs_step, [(cfg, str(out), keys, b) for b in todo_b], s.workers, lease)
             if s.stage == "pairs":
                 return 0
     elif s.stage in ("buckets", "pairs"):
@@ -714,16 +729,18 @@ def _run_scrub(cfg) -> int:
             _wait_for([_p1_paths(out, u)[2] for u in units], timeout, "phase 1 (signatures)")
             if _bucketed(s):
                 _wait_for([lay.pairs_out(b)[1] for b in range(nb)], timeout, "dedup step 'pairs'", "bucket(s)")
+                _confirm_owner(lease)
                 join_step(cfg, out)
                 jobs = [(u, cfg, str(out), None, _unit_canaries(plan, u)) for u in todo]
             else:
                 flags = decide_duplicates(cfg, out, units)
                 jobs = [(u, cfg, str(out), flags[u.key], _unit_canaries(plan, u)) for u in todo]
-            _run_pool(phase3_unit, jobs, s.workers)
+            _run_pool(phase3_unit, jobs, s.workers, lease)
         if s.stage == "write" or s.rank != 0:
             return 0
 
     _wait_for([_p3_done(out, u) for u in units], s.wait_timeout_s if s.stage == "all" else 0.0, "phase 3 (write)")
+    _confirm_owner(lease)
     merge(cfg, out, units, chash, time.perf_counter() - t_start, plan)
     return 0
 

@@ -8,6 +8,7 @@ configs/model/cpu_small.yaml, sequence 256, micro-batch 8) on the CPU or a CUDA 
   full-logits cross-entropy) with fp32 weights under bf16 autocast and torch AdamW: the baseline.
 - ``nanogpt_compile``: the same under ``torch.compile`` of the whole model (nanoGPT's GPU default).
 - ``autocast``: our Transformer, fp32 weights, bf16 autocast, torch AdamW.
+- ``fp32``: our Transformer in fp32, torch AdamW (what ``train.precision=fp32`` computes).
 - ``bf16_master``: our Transformer with bf16 weights and fp32 master weights in the optimizer
   (grads copied to fp32, AdamW on the masters, masters copied back): what a DeepSpeed bf16 engine
   does, minus the engine.
@@ -37,7 +38,8 @@ from pretrain.flops import flops_per_token, peak_flops_per_s
 from pretrain.model import Transformer
 
 _REPO = Path(__file__).resolve().parents[2]
-VARIANTS = ("nanogpt_autocast", "nanogpt_compile", "autocast", "bf16_master", "autocast_compile", "bf16_master_compile")
+VARIANTS = ("nanogpt_autocast", "nanogpt_compile", "autocast", "bf16_master", "fp32", "autocast_compile",
+            "bf16_master_compile", "fp32_compile")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,9 +178,10 @@ def build_step(spec: str, cfg: ModelConfig, fused_adamw: bool, device: str = "cp
         return step, model
 
     opt = _adamw(model.parameters(), fused_adamw)
+    autocast = variant.startswith("autocast")
 
     def step(x, y):
-        with torch.autocast(kind, dtype=torch.bfloat16):
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=autocast):
             loss = model(x, labels=y)
         loss.backward()
         opt.step()

@@ -7,22 +7,29 @@ shared machine hits all three alike:
 
 - ``trainer``: the training loop's step, exactly as ``pretrain train`` runs it: the session of
   :func:`pretrain.trainer.setup` (DeepSpeed engine, ZeRO as configured), batches from the
-  ``Prefetcher`` thread, :func:`pretrain.trainer.train_step`, then the loop's per-step work
-  (:func:`pretrain.trainer.agree`, :func:`pretrain.trainer.step_grad_norm`, ``NonFinite``,
-  ``Throughput``);
-- ``bare``: our Transformer's forward + backward + AdamW step with no engine (bench_model's
-  ``bf16_master`` variant when the config trains in bf16: what DeepSpeed's bf16 optimizer does,
-  minus the engine; ``autocast``-free fp32 otherwise);
+  ``Prefetcher`` thread, :func:`pretrain.trainer.run_step`, then the loop's per-step work
+  (``LateAgreement``, ``Throughput``, and on logging steps ``StepStats.read`` and the rate);
+- ``bare``: our Transformer's forward + backward + AdamW step with no engine, in the same
+  precision path (pretrain.engine.precision_path): bench_model's ``bf16_master`` for bf16
+  parameters with fp32 masters (ZeRO 1-3), ``autocast`` for fp32 parameters under bf16 autocast
+  (ZeRO-0), ``fp32`` for fp32;
 - ``nanogpt``: nanoGPT's step at the same shape (bench_model's ``nanogpt_autocast``).
 
+Then, deterministic and independent of the machine's load, it counts what one step dispatches
+(pretrain.bench.dispatch_count) over ``train.log_every`` trainer steps (one of them a logging
+step) and as many bare steps: host syncs per non-logging trainer step (bar: 0) and dispatched
+aten operators per step (bar: trainer <= 1.25 x bare).
+
 Prints one JSON object, last on stdout: the medians, ``trainer_over_bare`` and
-``bare_over_nanogpt`` (the ratios of those medians), the bars (1.3 and 1.15, issue 12) and the
-raw per-step times, so anyone can recompute the medians.
+``bare_over_nanogpt`` (the ratios of those medians), the counts (``trainer_syncs_per_step``,
+``bare_syncs_per_step``, ``trainer_ops_per_step``, ``bare_ops_per_step``, ``ops_trainer_over_bare``),
+the bars and the raw per-step times, so anyone can recompute the medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -33,18 +40,21 @@ from pathlib import Path
 import torch
 
 from data_pipelines.loaders import Prefetcher
+from pretrain.bench.dispatch_count import DispatchCounter
 from pretrain.bench.model import build_step
-from pretrain.checkpoint import TrainState
 from pretrain.config import Config, load_config
+from pretrain.dist import LateAgreement
+from pretrain.engine import precision_path
 from pretrain.errors import exit_on_user_error
 from pretrain.logging_setup import setup_logging
 from pretrain.monitor import Throughput
-from pretrain.stopping import NonFinite
-from pretrain.trainer import agree, setup, step_grad_norm, train_step
+from pretrain.stepstats import StepStats
+from pretrain.trainer import run_step, setup
 
 _REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = _REPO / "configs" / "bench" / "cpu_overhead.yaml"
-BARS = {"trainer_over_bare": 1.3, "bare_over_nanogpt": 1.15}
+BARS = {"trainer_over_bare": 1.3, "bare_over_nanogpt": 1.15, "trainer_syncs_per_step": 0,
+        "ops_trainer_over_bare": 1.25}
 
 
 def _median(xs: list[float]) -> float:
@@ -59,21 +69,23 @@ def overhead(cfg: Config, gc_freeze: bool = False) -> dict:
     if info.world_size != 1:
         raise SystemExit("bench_overhead runs on one process (it compares against single-process steps)")
     batches = Prefetcher(s.loader, depth=max(2, cfg.data.prefetch))
-    state, nonfinite = TrainState(), NonFinite(t.precision)
+    stats = StepStats(t.precision, info.device, 1)
+    agreement = LateAgreement(3)
     meter = Throughput(0.0, None, 1)
     engine.train()
 
     def trainer_step(step: int) -> None:  # the body of pretrain.trainer._train's loop, minus I/O
         t0 = time.perf_counter()
-        local_loss, wait = train_step(engine, batches, t.grad_accum_steps, info.device)
-        loss, _ = agree(local_loss, (False,), info.device, 1)
-        state.step, state.tokens_seen = step, state.tokens_seen + s.tokens_per_step
+        logging = step % t.log_every == 0
+        lr = engine.lr_scheduler.current() if logging else None
+        wait = run_step(s, batches, stats)
+        agreement.exchange((False, False, False))  # signal, time budget, lease lost
+        if logging:
+            stats.read()
+            float(lr)
         meter.update(s.tokens_per_step, time.perf_counter() - t0, wait)
-        applied = engine.was_step_applied()
-        gnorm = step_grad_norm(engine, applied, step % t.log_every == 0)
-        nonfinite.account(state, step, loss, applied, gnorm)
 
-    variant = "bf16_master" if t.precision == "bf16" else "autocast"
+    variant = bare_variant(cfg)
     bare, _ = build_step(variant + ("_compile" if cfg.model.compile else ""), cfg.model, fused_adamw=True, device=info.device)
     nano, _ = build_step("nanogpt_autocast", cfg.model, fused_adamw=True, device=info.device)
     gen = torch.Generator().manual_seed(0)
@@ -96,20 +108,25 @@ def overhead(cfg: Config, gc_freeze: bool = False) -> dict:
                 fn(cfg.bench.warmup_steps + i + 1)
                 sync()
                 times[name].append(time.perf_counter() - t0)
+        counts = count_dispatch(trainer_step, steps["bare"], cfg.bench.warmup_steps + cfg.bench.steps, t.log_every)
     finally:
         batches.close()
         if gc_freeze:
             gc.unfreeze()
     med = {k: _median(v) for k, v in times.items()}
     ratios = {"trainer_over_bare": med["trainer"] / med["bare"], "bare_over_nanogpt": med["bare"] / med["nanogpt"]}
+    meets = {k: ratios[k] <= BARS[k] for k in ("trainer_over_bare", "bare_over_nanogpt")}
+    meets["trainer_syncs_per_step"] = counts["trainer_syncs_per_step"] <= BARS["trainer_syncs_per_step"]
+    meets["ops_trainer_over_bare"] = counts["ops_trainer_over_bare"] <= BARS["ops_trainer_over_bare"]
     return {
         "trainer_step_s_median": round(med["trainer"], 6),
         "bare_step_s_median": round(med["bare"], 6),
         "nanogpt_step_s_median": round(med["nanogpt"], 6),
         **{k: round(v, 3) for k, v in ratios.items()},
         "bars": BARS,
-        "meets_bars": {k: ratios[k] <= BARS[k] for k in BARS},
+        "meets_bars": meets,
         "bare_variant": variant,
+        "precision_path": dataclasses.asdict(precision_path(cfg)),
         "steps": cfg.bench.steps,
         "warmup_steps": cfg.bench.warmup_steps,
         "gc_freeze": gc_freeze,
@@ -119,7 +136,43 @@ def overhead(cfg: Config, gc_freeze: bool = False) -> dict:
         "precision": t.precision,
         "device": info.device,
         "threads": torch.get_num_threads(),
+        **counts,
         "times_s": {k: [round(x, 6) for x in v] for k, v in times.items()},
+    }
+
+
+def bare_variant(cfg: Config) -> str:
+    """bench_model's variant with the trainer's precision path, minus the engine (see module doc)."""
+    path = precision_path(cfg)
+    if path.params == "bf16":
+        return "bf16_master"
+    return "autocast" if path.autocast else "fp32"
+
+
+def count_dispatch(trainer_step, bare_step, first_step: int, log_every: int) -> dict:
+    """Operators and host syncs per step, counted over ``log_every`` trainer steps from
+    ``first_step + 1`` (exactly one logging step) and as many bare steps (see module doc)."""
+    n = log_every
+    trainer = {"logging": DispatchCounter(), "other": DispatchCounter()}
+    for step in range(first_step + 1, first_step + 1 + n):
+        with trainer["logging" if step % log_every == 0 else "other"]:
+            trainer_step(step)
+    bare = DispatchCounter()
+    for _ in range(n):
+        with bare:
+            bare_step(0)
+    other_steps = n - 1
+    trainer_ops = (trainer["logging"].ops + trainer["other"].ops) / n
+    return {
+        "trainer_syncs_per_step": trainer["other"].syncs / other_steps if other_steps else None,
+        "bare_syncs_per_step": bare.syncs / n,
+        "trainer_ops_per_step": trainer_ops,
+        "bare_ops_per_step": bare.ops / n,
+        "ops_trainer_over_bare": round(trainer_ops / (bare.ops / n), 3),
+        "trainer_logging_step_syncs": trainer["logging"].syncs,
+        "count_steps": n,
+        "trainer_sync_ops": dict(trainer["other"].sync_names),
+        "trainer_logging_sync_ops": dict(trainer["logging"].sync_names),
     }
 
 

@@ -1,14 +1,18 @@
 """`python -m pretrain bench CONFIG`: time the real training step; last stdout line is one JSON object.
 
-The same :func:`pretrain.trainer.setup` and :func:`pretrain.trainer.train_step` as training
-(engine, loader with its prefetch thread, model), ``bench.warmup_steps`` untimed steps, then
-``bench.steps`` timed ones. Nothing is written to the run directory except, with
-``bench.profile=true``, a torch.profiler operator table (``bench_profile.txt``).
+The same :func:`pretrain.trainer.setup` and :func:`pretrain.trainer.run_step` as training
+(engine, loader with its prefetch thread, model, the step statistics kept on the device),
+``bench.warmup_steps`` untimed steps, then ``bench.steps`` timed ones. Like training, the timed
+steps never wait for the device: the window is synchronized at its start and end only, and on a
+GPU each step's own time comes from CUDA events. Nothing is written to the run directory except,
+with ``bench.profile=true``, a torch.profiler operator table (``bench_profile.txt``).
 
 Output keys: ``tokens_per_s`` (global), ``tokens_per_s_per_device``, ``mfu`` (per device, against
 ``peak_flops`` = the device's peak in the run dtype: datasheet on GPUs, a matmul probe on CPU),
-``step_time_s`` (mean; ``_min``/``_median`` too, and ``tokens_per_s_median`` for noisy shared machines), ``loader_wait_frac`` (time blocked on the
-loader / step time) and ``phase_frac`` (forward / backward / optimizer step shares of step time).
+``step_time_s`` (mean; ``_min``/``_median`` too, and ``tokens_per_s_median`` for noisy shared
+machines), ``loader_wait_frac`` (time blocked on the loader / step time) and ``phase_frac``
+(forward / backward / optimizer step shares of step time, from a few more steps timed phase by
+phase with a device sync around each phase: a diagnosis, not the headline).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import statistics
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,8 @@ from data_pipelines.loaders import Prefetcher
 from pretrain.config import Config
 from pretrain.engine import param_counts
 from pretrain.monitor import flops_and_peak, memory_bytes
-from pretrain.trainer import agree, setup, train_step
+from pretrain.stepstats import StepStats
+from pretrain.trainer import run_step, setup, train_step
 
 log = logging.getLogger(__name__)
 
@@ -62,30 +68,36 @@ class PhaseTimer:
         self._timed("optimizer_step", self.engine.step)
 
 
+PHASE_STEPS = 3  # steps timed phase by phase after the window (see module doc)
+
+
 def bench(cfg: Config) -> int:
     s = setup(cfg, write_run_files=False)
     cfg = s.cfg  # precision resolved for this device
     info, engine, t = s.info, s.engine, cfg.train
     batches = Prefetcher(s.loader, depth=max(2, cfg.data.prefetch))
+    stats = StepStats(t.precision, info.device, info.world_size)
+    clock = StepClock(info.device)
     engine.train()
     try:
         for _ in range(cfg.bench.warmup_steps):
-            train_step(engine, batches, t.grad_accum_steps, info.device)
-        step_times, waits, losses = [], [], []
-        timer = PhaseTimer(engine, info.device)
+            run_step(s, batches, stats)
         prof = _profiler() if cfg.bench.profile else None
         if prof is not None:
             prof.__enter__()
+        clock.start()
+        waits = []
         for _ in range(cfg.bench.steps):
-            t0 = time.perf_counter()
-            loss, wait = train_step(timer, batches, t.grad_accum_steps, info.device)
-            loss, _ = agree(loss, (), info.device, info.world_size)
-            step_times.append(time.perf_counter() - t0)
-            waits.append(wait)
-            losses.append(loss)
+            waits.append(run_step(s, batches, stats))
+            clock.lap()
+        step_times = clock.stop()
         if prof is not None:
             prof.__exit__(None, None, None)
             _write_profile(prof, Path(cfg.run.dir) / "bench_profile.txt", info.rank)
+        final_loss = stats.read().loss
+        timer = PhaseTimer(engine, info.device)
+        for _ in range(PHASE_STEPS):
+            train_step(timer, batches, t.grad_accum_steps, info.device)
     finally:
         batches.close()
 
@@ -106,7 +118,7 @@ def bench(cfg: Config) -> int:
         "tokens_per_s_median": round(s.tokens_per_step / statistics.median(step_times), 1),
         "step_time_s_stdev": round(statistics.pstdev(step_times), 4),
         "loader_wait_frac": round(sum(waits) / total, 4),
-        "phase_frac": {k: round(v / total, 3) for k, v in timer.seconds.items()},
+        "phase_frac": {k: round(v / sum(timer.seconds.values()), 3) for k, v in timer.seconds.items()},
         "tokens_per_step": s.tokens_per_step,
         "steps": len(step_times),
         "warmup_steps": cfg.bench.warmup_steps,
@@ -119,12 +131,44 @@ def bench(cfg: Config) -> int:
         "seq_len": cfg.data.seq_len,
         "params": param_counts(engine)[0],
         "memory_bytes": memory_bytes(info.device),
-        "final_loss": round(losses[-1], 4),
+        "final_loss": round(final_loss, 4),
     }
     if info.rank == 0:
         sys.stdout.flush()
         print(json.dumps(result), flush=True)
     return 0
+
+
+class StepClock:
+    """Per-step times without syncing inside the window: CUDA events on a GPU (read after the
+    window), the host clock on the CPU (where every kernel has run when the call returns)."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.marks: list = []
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()  # earlier work must not count towards the first step
+        self.marks = [self._mark()]
+
+    def lap(self) -> None:
+        """End of a step."""
+        self.marks.append(self._mark())
+
+    def stop(self) -> list[float]:
+        """Seconds of each step since :meth:`start` (one sync, on a GPU)."""
+        if not self.cuda:
+            return [b - a for a, b in pairwise(self.marks)]
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) / 1000 for a, b in pairwise(self.marks)]
 
 
 def _profiler():

@@ -22,12 +22,15 @@ from pretrain.checkpoint.format import (
     TOKENIZER_FILE,
     UNIVERSAL_TAG,
     CheckpointError,
+    TokenizerRef,
     find_latest_complete,
     is_complete,
     list_checkpoints,
     prune,
     read_marker,
+    read_tokenizer,
     resolve_checkpoint,
+    saved_tokenizer,
     step_dir_name,
     verify_checkpoint,
 )
@@ -42,8 +45,8 @@ from pretrain.faults import FAULT_ENV
 
 __all__ = [
     "CONFIG_FILE", "ENGINE_TAG", "FAULT_ENV", "FORMAT", "FORMAT_VERSION", "LATEST", "MARKER", "META", "TOKENIZER_FILE",
-    "UNIVERSAL_TAG", "CheckpointError", "Checkpointer", "ResumeChoice", "ResumePlan", "TrainState", "choose_checkpoint",
-    "consolidated_state_dict", "convert_to_universal", "find_latest_complete", "is_complete", "list_checkpoints",
-    "load_checkpoint_config", "plan_resume", "prune", "read_marker", "resolve_checkpoint", "rng_state",
-    "set_rng_state", "step_dir_name", "verify_checkpoint",
+    "UNIVERSAL_TAG", "CheckpointError", "Checkpointer", "ResumeChoice", "ResumePlan", "TokenizerRef", "TrainState",
+    "choose_checkpoint", "consolidated_state_dict", "convert_to_universal", "find_latest_complete", "is_complete",
+    "list_checkpoints", "load_checkpoint_config", "plan_resume", "prune", "read_marker", "read_tokenizer",
+    "resolve_checkpoint", "rng_state", "saved_tokenizer", "set_rng_state", "step_dir_name", "verify_checkpoint",
 ]

@@ -1,10 +1,15 @@
 """The Checkpointer the trainer drives: when to save (``due``), ``save`` and ``resume``.
 
-Save protocol: every rank writes its engine shards and its rank file, a gather, the ranks hash
-the files between them, rank 0 writes ``COMPLETE.json`` (tmp + fsync + rename) and only then moves
-``latest`` and prunes. Resume protocol: choose the checkpoint (rank 0) -> verify it (all ranks hash
-a share) -> check the model shape -> plan (world size, ZeRO stage, loader streams) -> convert to
-universal if the plan says so -> load the engine -> this rank's loader state -> RNG.
+Save protocol: rank 0 confirms the run directory is still this job's, every rank writes its engine
+shards and its rank file, a gather, the ranks hash the files between them, rank 0 writes
+``COMPLETE.json`` (tmp + fsync + rename) and only then moves ``latest`` and prunes, confirming the
+lease again right before each of those three writes (a job that lost the run directory to another
+job must not mark, point at or delete checkpoints there).
+
+Resume protocol: choose the checkpoint (rank 0) -> verify it (all ranks hash a share) -> is it the
+same run (every setting compared, see plan.RULES; the tokenizer by content) -> plan (world size,
+ZeRO stage, loader streams) -> convert to universal if the plan says so -> load the engine (the
+config's optimizer settings kept) -> this rank's loader state -> RNG.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pretrain.checkpoint.format import (
     UNIVERSAL_TAG,
     CheckpointError,
     CheckpointSaveError,
+    TokenizerRef,
     delete_checkpoint,
     file_problems,
     find_latest_complete,
@@ -34,11 +40,14 @@ from pretrain.checkpoint.format import (
     payload_files,
     point_latest,
     prune,
+    read_config,
     read_latest_pointer,
     read_marker,
     read_meta,
     read_rank_files,
+    read_tokenizer,
     remove_latest_pointer,
+    saved_tokenizer,
     step_dir_name,
     utc_now,
     verify_checkpoint,
@@ -47,21 +56,26 @@ from pretrain.checkpoint.format import (
     write_rank_file,
 )
 from pretrain.checkpoint.plan import (
+    ALLOWED,
     LOADER_AS_SAVED,
     LOADER_RESHARD,
     ResumeChoice,
     ResumePlan,
-    check_same_model,
+    check_settings,
     choose_checkpoint,
     plan_resume,
+    run_settings,
 )
 from pretrain.checkpoint.state import TrainState, rng_state, set_rng_state
 from pretrain.checkpoint.weights import convert_to_universal
 from pretrain.config import Config, save_resolved, to_dict
 from pretrain.dist import DistInfo, all_gather_objects, barrier, broadcast_flag, broadcast_object
-from pretrain.errors import DiskFullError, is_disk_full
+from pretrain.engine import grad_clip_of, precision_path
+from pretrain.errors import DiskFullError, LeaseLostError, is_disk_full
 from pretrain.faults import fault_point
 from pretrain.fileio import fsync_dir
+from pretrain.optimizer import LRSchedule
+from pretrain.run_lease import RunLease
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -69,10 +83,53 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _failure_kind(e: BaseException, checkpoint_dir: Path) -> str | None:
+    """What a failed save phase means for every rank: "disk_full", "lease_lost" or None (any other error)."""
+    if isinstance(e, LeaseLostError):
+        return "lease_lost"
+    return "disk_full" if is_disk_full(e, checkpoint_dir) else None
+
+
 def _one_line(e: BaseException) -> str:
     """An exception as one short line (torch's write errors span lines and carry C++ frames)."""
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:300]}"
+
+
+_ADAMW_SETTINGS = ("betas", "eps", "weight_decay")
+
+
+def _optimizer_settings(engine: Any) -> dict:
+    """The optimizer settings the engine was built with from this run's config: per-group AdamW
+    settings and the gradient clip."""
+    opt = getattr(engine, "optimizer", None)
+    return {
+        "groups": [{k: g[k] for k in _ADAMW_SETTINGS if k in g} for g in opt.param_groups] if opt is not None else [],
+        "clip_grad": grad_clip_of(engine),
+    }
+
+
+def _restore_optimizer_settings(engine: Any, configured: dict) -> None:
+    """After DeepSpeed's load_checkpoint: the config's optimizer settings win over the checkpoint's.
+
+    The load puts back the checkpoint's AdamW settings (with the optimizer state) and, where
+    DeepSpeed clips, its gradient clip: here the config's values return. The learning rate needs
+    nothing: the schedule (pretrain.optimizer.LRSchedule) is built from the config and takes only
+    the count of applied updates from the checkpoint, so the next step's rate is the config's
+    schedule at the checkpoint's step, and a resume named in the log is the one that runs.
+    """
+    opt, sched = getattr(engine, "optimizer", None), getattr(engine, "lr_scheduler", None)
+    if opt is None:
+        return
+    for group, values in zip(opt.param_groups, configured["groups"], strict=True):
+        group.update(values)
+    if configured["clip_grad"] is not None and getattr(opt, "guard", None) is None:
+        opt.clip_grad = configured["clip_grad"]  # DeepSpeed's own step clips (the device step's clip is its guard's)
+    g = opt.param_groups[0]
+    rate, at = (float(sched.current()), int(sched.applied)) if isinstance(sched, LRSchedule) else (float(g["lr"]), "-")
+    log.info("optimizer after resume: lr %.6g at schedule step %s, betas %s, eps %.3g, weight decay %s, grad clip %s",
+             rate, at, tuple(g["betas"]), g["eps"], [grp["weight_decay"] for grp in opt.param_groups],
+             grad_clip_of(engine))
 
 
 class Checkpointer:
@@ -82,11 +139,18 @@ class Checkpointer:
     (rank 0's clock decides, so all ranks agree); call it on every rank at every step.
     """
 
-    def __init__(self, cfg: Config, engine: Any, info: DistInfo, tokenizer_path: str | None):
+    def __init__(self, cfg: Config, engine: Any, info: DistInfo, tokenizer_path: str | None,
+                 lease: RunLease | None = None):
         self.cfg = cfg
         self.engine = engine
         self.info = info
-        self.tokenizer_path = tokenizer_path
+        # The tokenizer is read once: every save keeps a copy of these bytes, the ones the run started
+        # with, and a resume compares their content with the checkpoint's.
+        self.tokenizer: TokenizerRef | None = None
+        self._tokenizer_bytes = b""
+        if tokenizer_path and Path(tokenizer_path).is_file():
+            self._tokenizer_bytes, self.tokenizer = read_tokenizer(tokenizer_path)
+        self.lease = lease  # the run directory's lease, on the rank holding it (global rank 0)
         self.dir = Path(cfg.checkpoint.dir)
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
@@ -127,6 +191,7 @@ class Checkpointer:
         if state.step == self._last_saved_step and broadcast_object(is_complete(step_dir) if rank == 0 else None):
             self._last_save_time = time.monotonic()
             return str(step_dir)
+        self._check_owner()
         self._check_free_space(state.step)
         self._make_step_dir(step_dir)
         # 1-3. Every rank writes its engine shards and rank file (rank 0 also the run files).
@@ -139,6 +204,21 @@ class Checkpointer:
                     lambda: self._commit(step_dir, state.step, gathered, t0) if rank == 0 else None)
         self._last_saved_step, self._last_save_time = state.step, time.monotonic()
         return str(step_dir)
+
+    def _check_owner(self) -> None:
+        """Every rank learns whether this job still owns the run directory, read from disk now by
+        the lease's holder: a save deletes, creates and prunes directories."""
+        lost = None
+        if self.lease is not None and not self.lease.still_ours(max_age_s=0):
+            lost = str(self.lease.lost)
+        lost = broadcast_object(lost)
+        if lost:
+            raise LeaseLostError(lost)
+
+    def _confirm_owner(self) -> None:
+        """The holder, right before a commit write (raises LeaseLostError, failing the save's phase)."""
+        if self.lease is not None:
+            self.lease.confirm()
 
     def _check_free_space(self, step: int) -> None:
         """Refuse, on every rank, a save that visibly cannot fit (less free space than the last
@@ -183,11 +263,14 @@ class Checkpointer:
         fsync_dir(step_dir)
         fsync_dir(step_dir / ENGINE_TAG)
         fault_point("before_marker", step)
+        self._confirm_owner()
         write_marker(step_dir, files, step=step, world_size=self.info.world_size, created=utc_now())
         self._last_size = sum(f["size"] for f in files.values())
         fault_point("after_marker", step)
+        self._confirm_owner()
         point_latest(self.dir, step_dir.name)
         fault_point("after_latest", step)
+        self._confirm_owner()
         prune(self.dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
         log.info("saved checkpoint %s (%.1fs)", step_dir, time.monotonic() - t0)
 
@@ -197,7 +280,9 @@ class Checkpointer:
         try:
             result, failure, exc = work(), None, None
         except Exception as e:  # every rank must hear of it, or the others wait in the next collective
-            result, failure, exc = None, (self.info.rank, is_disk_full(e, self.dir), _one_line(e)), e
+            kind = _failure_kind(e, self.dir)
+            text = str(e) if kind == "lease_lost" else _one_line(e)  # the lease's message, word for word
+            result, failure, exc = None, (self.info.rank, kind, text), e
         outcomes = all_gather_objects((result, failure))
         failures = [f for _, f in outcomes if f is not None]
         if failures:
@@ -208,8 +293,12 @@ class Checkpointer:
         """Every rank raises the same error. On a full disk rank 0 first removes the unfinished step
         directory (marker first, so it is never mistaken for a checkpoint; it frees the space it took)
         unless `latest` already names it: then it is complete and stays the newest. Other failures
-        leave it for inspection; resume skips it and the next save or prune deletes it."""
-        disk_full = any(full for _, full, _ in failures)
+        leave it for inspection; resume skips it and the next save or prune deletes it. A lost lease
+        changes nothing on disk: the directory is another job's now."""
+        lost = [text for _, kind, text in failures if kind == "lease_lost"]
+        if lost:
+            raise LeaseLostError(lost[0]) from exc
+        disk_full = any(kind == "disk_full" for _, kind, _ in failures)
         kept = None
         if self.info.rank == 0:
             if disk_full and not (read_latest_pointer(self.dir) == step_dir.name and is_complete(step_dir)):
@@ -248,10 +337,8 @@ class Checkpointer:
 
     def _write_run_files(self, step_dir: Path, state: TrainState, world: int) -> None:
         save_resolved(self.cfg, step_dir, CONFIG_FILE)
-        tok = None
-        if self.tokenizer_path and Path(self.tokenizer_path).is_file():
-            shutil.copyfile(self.tokenizer_path, step_dir / TOKENIZER_FILE)
-            tok = TOKENIZER_FILE
+        if self.tokenizer is not None:  # durable once the marker's hashing pass has fsynced it
+            (step_dir / TOKENIZER_FILE).write_bytes(self._tokenizer_bytes)
         versions = {}
         for mod in ("torch", "deepspeed"):
             try:
@@ -265,9 +352,11 @@ class Checkpointer:
             world_size=world,
             zero_stage=self.cfg.deepspeed.zero_stage,
             precision=self.cfg.train.precision,
+            param_dtype=precision_path(self.cfg).params,
             model=to_dict(self.cfg)["model"],
-            tokenizer=tok,
-            tokenizer_source=str(Path(self.tokenizer_path).resolve()) if self.tokenizer_path else None,
+            tokenizer=TOKENIZER_FILE if self.tokenizer else None,
+            tokenizer_source=self.tokenizer.path if self.tokenizer else None,
+            tokenizer_sha256=self.tokenizer.sha256 if self.tokenizer else None,
             scrub_manifests=source_summaries(self.cfg),
             versions=versions,
         )
@@ -308,10 +397,10 @@ class Checkpointer:
         marker = self._verify_distributed(step_dir)
         self._last_size = sum(f["size"] for f in marker["files"].values())
         meta = read_meta(step_dir)
-        check_same_model(step_dir, meta["model"], to_dict(self.cfg)["model"])
+        self._check_same_run(step_dir, meta)
         per_rank = read_rank_files(step_dir, int(meta["world_size"]))
         plan = plan_resume(step_dir, meta, [r["loader"] for r in per_rank], self.info.world_size,
-                           self.cfg.deepspeed.zero_stage, self.cfg.data.num_workers)
+                           self.cfg.deepspeed.zero_stage, self.cfg.data.num_workers, precision_path(self.cfg).params)
         if plan.universal:
             self._ensure_universal(plan)
         self._load_engine(plan)
@@ -325,6 +414,19 @@ class Checkpointer:
         self._last_saved_step = state.step
         self._last_save_time = time.monotonic()
         return state, loader_state
+
+    def _check_same_run(self, step_dir: Path, meta: dict) -> None:
+        """Refuse (every rank, the same message) what cannot continue this checkpoint; log the rest."""
+        saved = run_settings(read_config(step_dir), saved_tokenizer(step_dir, meta))
+        now = run_settings(to_dict(self.cfg), self.tokenizer)
+        changes = check_settings(step_dir, saved, now, self.cfg.checkpoint.allow_changes)
+        if self.info.rank != 0:
+            return
+        for c in changes:
+            if c.verdict == ALLOWED:
+                log.warning("resuming with a changed setting, allowed by checkpoint.allow_changes: %s", c.describe())
+            else:
+                log.info("changed since the checkpoint: %s", c.describe())
 
     def _verify_distributed(self, step_dir: Path) -> dict:
         """Every rank hashes a share of the files; any problem anywhere stops every rank."""
@@ -365,6 +467,7 @@ class Checkpointer:
         cfg_obj = self.engine._config
         before = cfg_obj.load_universal_checkpoint
         cfg_obj.load_universal_checkpoint = plan.universal  # DeepSpeed reads the flag at load time only
+        configured = _optimizer_settings(self.engine)
         try:
             load_path, _ = self.engine.load_checkpoint(str(plan.step_dir), tag=tag, load_optimizer_states=True,
                                                        load_lr_scheduler_states=True)
@@ -372,6 +475,7 @@ class Checkpointer:
             cfg_obj.load_universal_checkpoint = before
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {plan.step_dir / tag}")
+        _restore_optimizer_settings(self.engine, configured)
 
     def _loader_state(self, plan: ResumePlan, states: Sequence[dict | None]) -> dict | None:
         """This rank's loader state: as saved, resharded over the new ranks and streams, or none."""

@@ -12,7 +12,8 @@ Layout of ``checkpoint.dir`` (default ``<run.dir>/checkpoints``)::
                                 only from data-parallel rank 0, hence one file per rank.
       meta.json                 world size, ZeRO stage, model shape, scrub manifest references
       config.yaml               the resolved config of the run
-      tokenizer.json            copy of the tokenizer the run trained with
+      tokenizer.json            copy of the tokenizer the run trained with (meta.json records the
+                                sha256 of its normalized content, see TokenizerRef)
       COMPLETE.json             completion marker: size + sha256 of every file above; written LAST
       universal/                (only after an elastic resume) DeepSpeed universal checkpoint
 
@@ -35,6 +36,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +44,7 @@ import yaml
 
 from pretrain.dist import select_accelerator
 from pretrain.errors import UserError
-from pretrain.fileio import sha256_file, write_json_atomic, write_text_atomic
+from pretrain.fileio import json_sha256, sha256_file, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,51 @@ def read_meta(step_dir: Path) -> dict:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{step_dir / META} is not a {FORMAT} file")
     return meta
+
+
+def read_config(step_dir: Path) -> dict:
+    """The resolved config a checkpoint was written with, as a plain dict (no schema check: a
+    checkpoint of an older version may lack keys, and a resume compares what both have)."""
+    data = yaml.safe_load((step_dir / CONFIG_FILE).read_text())
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{step_dir / CONFIG_FILE} does not hold a config")
+    return data
+
+
+@dataclass(frozen=True)
+class TokenizerRef:
+    """A tokenizer by content: the sha256 of its normalized file (:func:`pretrain.fileio.json_sha256`),
+    so a moved or re-saved tokenizer.json is the same tokenizer and a retrained one is not."""
+
+    sha256: str
+    path: str  # where it was read from (for messages)
+    copy: str | None = None  # the checkpoint's own copy, when this describes a checkpoint's tokenizer
+
+    def describe(self) -> str:
+        where = f"{self.path}, saved with it as {self.copy}" if self.copy and self.copy != self.path else self.path
+        return f"{where} (sha256 {self.sha256[:12]})"
+
+
+def read_tokenizer(path: str | os.PathLike) -> tuple[bytes, TokenizerRef]:
+    """A tokenizer.json's bytes (what a checkpoint keeps a copy of) and its identity."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        sha = json_sha256(data)
+    except ValueError as e:
+        raise CheckpointError(f"tokenizer file {path} is not JSON: {e}") from None
+    return data, TokenizerRef(sha, str(path.resolve()))
+
+
+def saved_tokenizer(step_dir: str | os.PathLike, meta: dict | None = None) -> TokenizerRef | None:
+    """The tokenizer a checkpoint was trained with (its copy), or None when it holds none."""
+    step_dir = Path(step_dir)
+    copy = step_dir / TOKENIZER_FILE
+    if not copy.is_file():
+        return None
+    meta = read_meta(step_dir) if meta is None else meta
+    sha = meta.get("tokenizer_sha256") or read_tokenizer(copy)[1].sha256  # older checkpoints: from the copy
+    return TokenizerRef(sha, meta.get("tokenizer_source") or str(copy), copy=str(copy))
 
 
 def write_rank_file(step_dir: Path, rank: int, **fields) -> None:

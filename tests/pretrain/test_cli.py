@@ -23,7 +23,7 @@ def any_config() -> Path:
 
 def test_help_lists_subcommands():
     out = run("-m", "pretrain", "--help").stdout
-    for cmd in ("train", "bench", "audit", "export", "generate"):
+    for cmd in ("train", "bench", "plan", "audit", "export", "generate"):
         assert cmd in out
     out = run("-m", "data_pipelines", "--help").stdout
     for cmd in ("scrub", "train-tokenizer", "pretokenize", "eval-pii", "bench"):
@@ -38,13 +38,14 @@ def test_typo_in_override_exits_2_with_suggestion(any_config):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
-def test_validation_happens_before_heavy_imports(any_config):
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_validation_happens_before_heavy_imports(any_config, command):
     """A bad config must be rejected without importing torch or deepspeed (seconds, not minutes)."""
     code = (
         "import sys\n"
         "from pretrain.__main__ import main\n"
         "try:\n"
-        f"    main(['train', {str(any_config)!r}, 'model.n_layers=-1'])\n"
+        f"    main([{command!r}, {str(any_config)!r}, 'model.n_layers=-1'])\n"
         "except SystemExit as e:\n"
         "    assert e.code == 2, e.code\n"
         "assert 'torch' not in sys.modules and 'deepspeed' not in sys.modules, 'heavy import before validation'\n"

@@ -178,6 +178,16 @@ def test_cross_field_rules_name_every_key(overrides, keys):
         assert k in msg
 
 
+def test_checkpoint_allow_changes_takes_only_the_allowable_settings():
+    from pretrain.config import RESUME_ALLOWABLE
+
+    assert load_config(None, ["checkpoint.allow_changes=[data.tokenizer,model.rope_theta]"]).checkpoint.allow_changes \
+        == ["data.tokenizer", "model.rope_theta"]
+    msg = errors_of(lambda: load_config(None, ["checkpoint.allow_changes=[data.tokenizer,model.n_layers,data.tokeniser]"]))
+    assert "checkpoint.allow_changes: model.n_layers, data.tokeniser cannot be allowed" in msg
+    assert all(k in msg for k in RESUME_ALLOWABLE)  # the message lists what may be allowed
+
+
 def test_global_batch_uses_world_size():
     ok = ["train.global_batch_size=32", "train.micro_batch_size=8", "train.grad_accum_steps=2"]
     assert load_config(None, ok, world_size=2).train.global_batch_size == 32

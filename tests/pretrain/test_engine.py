@@ -1,15 +1,11 @@
-import math
-
 import pytest
-import torch
 
 from pretrain.config import load_config
 from pretrain.engine import (
-    _make_guarded_adamw,
     deepspeed_config,
     param_groups,
+    precision_path,
     schedule_horizon,
-    uses_guarded_optimizer,
 )
 from pretrain.errors import ConfigError
 
@@ -45,11 +41,36 @@ def test_ds_config_precision_offload_and_clipping():
     assert bf["bf16"] == {"enabled": True, "check_grad_overflow": True} and not bf["fp16"]["enabled"]
 
 
-def test_zero0_fp32_clips_in_the_guarded_optimizer_not_in_deepspeed():
-    cfg = cfg_with("deepspeed.zero_stage=0", "train.precision=fp32", "train.grad_clip=1.0")
-    assert uses_guarded_optimizer(cfg)
-    assert deepspeed_config(cfg, 1)["gradient_clipping"] == 0.0
-    assert not uses_guarded_optimizer(cfg_with("deepspeed.zero_stage=0", "train.precision=bf16"))
+@pytest.mark.parametrize("precision, stage, params, autocast, step", [
+    ("bf16", 0, "fp32", "bf16", "device"),  # fp32 parameters are the masters: no DeepSpeed wrapper
+    ("fp32", 0, "fp32", None, "device"),
+    ("bf16", 1, "bf16", None, "device"),
+    ("bf16", 2, "bf16", None, "device"),
+    ("fp32", 2, "fp32", None, "device"),
+    ("bf16", 3, "bf16", None, "deepspeed"),
+    ("fp16", 1, "fp16", None, "deepspeed"),
+])
+def test_precision_path_decides_dtypes_and_who_steps(precision, stage, params, autocast, step):
+    cfg = cfg_with(f"train.precision={precision}", f"deepspeed.zero_stage={stage}", "train.grad_clip=1.0")
+    path = precision_path(cfg)
+    assert (path.params, path.autocast, path.step) == (params, autocast, step)
+    conf = deepspeed_config(cfg, 1)
+    assert conf["bf16"]["enabled"] == (params == "bf16") and conf["fp16"]["enabled"] == (params == "fp16")
+    assert ("torch_autocast" in conf) == (autocast is not None)
+    assert conf["gradient_clipping"] == (0.0 if step == "device" else 1.0)  # the device step clips itself
+    assert conf["timers"] == {"throughput": {"enabled": False}}  # it would synchronize twice per step
+
+
+def test_model_state_bytes_follow_the_path():
+    """What the memory planner reads: 16 bytes per parameter at ZeRO-0 bf16 (fp32 params, grads and
+    Adam moments), and ZeRO-1's fp32 master and moments divided over the ranks."""
+    zero0 = precision_path(cfg_with("train.precision=bf16", "deepspeed.zero_stage=0"))
+    assert zero0.model_state_bytes_per_param(8) == {"params": 4, "grads": 4, "optim_states": 8}
+    zero1 = precision_path(cfg_with("train.precision=bf16", "deepspeed.zero_stage=1"))
+    assert zero1.model_state_bytes_per_param(4) == {"params": 2, "grads": 2, "optim_states": 2, "master": 1}
+    zero3 = precision_path(cfg_with("train.precision=bf16", "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true"))
+    assert zero3.model_state_bytes_per_param(2) == {"params": 1, "grads": 1, "optim_states": 4, "master": 2}
+    assert zero3.offloaded == ("optimizer",) and zero3.step == "deepspeed"
 
 
 def test_extra_is_merged_last_and_nested():
@@ -110,21 +131,6 @@ def test_param_groups_configurable_and_tied():
     groups, summary = param_groups(model, cfg.optim)
     assert len(groups) == 1 and summary.no_decay == 0  # everything decays; empty group dropped
     assert sum(p.numel() for p in groups[0]["params"]) == sum(p.numel() for p in model.parameters())
-
-
-def test_guarded_adamw_skips_nonfinite_and_clips_finite():
-    GuardedAdamW = _make_guarded_adamw()
-    p = torch.nn.Parameter(torch.ones(4))
-    opt = GuardedAdamW([p], max_norm=1.0, lr=0.1)
-    p.grad = torch.tensor([float("nan"), 1.0, 1.0, 1.0])
-    opt.step()
-    assert opt.overflow and math.isnan(opt._global_grad_norm)
-    assert torch.equal(p.detach(), torch.ones(4)) and not opt.state  # no update, no Adam state
-    p.grad = torch.full((4,), 3.0)  # norm 6 -> clipped to 1
-    opt.step()
-    assert not opt.overflow and opt._global_grad_norm == pytest.approx(6.0)
-    assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
-    assert (p.detach() < 1.0).all()
 
 
 @pytest.mark.parametrize("key, owner", [

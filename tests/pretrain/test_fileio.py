@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pretrain.fileio import write_json_atomic, write_text_atomic
+from pretrain.fileio import json_sha256, write_json_atomic, write_text_atomic
 
 
 def test_atomic_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
@@ -30,3 +30,16 @@ def test_write_json_atomic_round_trips_and_passes_options(tmp_path):
     text = path.read_text(encoding="utf-8")
     assert json.loads(text) == {"a": "é", "b": 1}
     assert text.index('"a"') < text.index('"b"') and "é" in text  # sorted keys, options honoured
+
+
+def test_json_sha256_is_the_content_not_the_formatting():
+    doc = {"model": {"vocab": {"a": 0, "é": 1}, "merges": ["a b", "b c"]}, "added_tokens": [{"id": 0}]}
+    compact = json.dumps(doc).encode()
+    resaved = json.dumps(dict(reversed(doc.items())), indent=4, ensure_ascii=True).encode()  # other order, escapes
+    assert json_sha256(compact) == json_sha256(resaved)
+    # What the file says is the identity: a swapped id or a reordered merge list is another tokenizer.
+    swapped = json.dumps({**doc, "model": {**doc["model"], "vocab": {"a": 1, "é": 0}}}).encode()
+    reordered = json.dumps({**doc, "model": {**doc["model"], "merges": ["b c", "a b"]}}).encode()
+    assert len({json_sha256(compact), json_sha256(swapped), json_sha256(reordered)}) == 3
+    with pytest.raises(ValueError):
+        json_sha256(b"{not json")

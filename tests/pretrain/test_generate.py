@@ -94,6 +94,9 @@ def test_cli_and_bad_arguments(ckpt):
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.startswith("Hello")
+    # It says which tokenizer encodes the prompt: the checkpoint's own copy, and where that came from.
+    assert (f"tokenizer: the one saved with the checkpoint, {ckpt.tokenizer.resolve()}, saved with it as "
+            f"{ckpt.step_dir / 'tokenizer.json'} (sha256 ") in p.stderr
     p = subprocess.run([*cmd, "--top-p", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--top-p" in p.stderr
     p = subprocess.run([*cmd[:5], str(ckpt.root / "nothing"), *cmd[6:]], cwd=REPO, capture_output=True, text=True,
@@ -119,3 +122,42 @@ def test_foreign_export_dir_is_refused_naming_its_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match=rf"{tmp_path / 'config.json'} has model_type 'gpt2'"):
         load_for_inference(tmp_path)
+
+
+def test_export_keeps_the_checkpoint_tokenizer_and_generate_refuses_another_in_its_place(ckpt, tmp_path, caplog,
+                                                                                         capsys):
+    """An export directory is loose files: generate checks its tokenizer.json against the one the
+    export recorded, by content (re-saving it is fine; another tokenizer decodes into other text)."""
+    import json
+    import logging
+
+    from pretrain.errors import UserError
+    from pretrain.export import export_checkpoint
+    from pretrain.fileio import json_sha256
+    from pretrain.generate import generate_cli
+
+    with caplog.at_level(logging.INFO, logger="pretrain"):
+        out = export_checkpoint(ckpt.step_dir, tmp_path / "hf")
+    assert f"tokenizer: the one saved with the checkpoint, {ckpt.tokenizer.resolve()}" in caplog.text
+    assert (out / "tokenizer.json").read_bytes() == (ckpt.step_dir / "tokenizer.json").read_bytes()
+    recorded = json.loads((out / "export_info.json").read_text())["tokenizer_sha256"]
+    assert recorded == json_sha256(ckpt.tokenizer.read_bytes())
+
+    assert generate_cli(args(out)) == 0
+    expect = capsys.readouterr().out
+    doc = json.loads((out / "tokenizer.json").read_text())
+    (out / "tokenizer.json").write_text(json.dumps(doc, indent=3, ensure_ascii=True))  # re-saved: same tokenizer
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pretrain"):
+        assert generate_cli(args(out)) == 0
+    assert capsys.readouterr().out == expect
+    assert f"tokenizer: the one exported with the model, {(out / 'tokenizer.json').resolve()} (sha256 " \
+           f"{recorded[:12]})" in caplog.text
+
+    vocab = doc["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, two ids swapped: another tokenizer
+    (out / "tokenizer.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match=rf"{out / 'tokenizer.json'} is not the tokenizer this model was exported "
+                                        rf"with: .* records {recorded[:12]}"):
+        generate_cli(args(out))

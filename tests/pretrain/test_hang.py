@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from pretrain.hang import EXIT_HANG, HangWatchdog, reported_ranks, stack_file
+from pretrain.run_lease import RunLease, holder_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,3 +81,11 @@ def test_reported_ranks_counts_only_fresh_files(tmp_path):
     stack_file(tmp_path, 0).write_text("x")
     assert reported_ranks(tmp_path, 2, since=time.time() - 60) == ([0], [1])
     assert reported_ranks(tmp_path, 2, since=time.time() + 60) == ([], [0, 1])
+
+
+def test_a_hang_exit_releases_the_run_directory_lease(tmp_path):
+    """The trainer passes ``on_fire=lease.release``: the requeued job must not wait for the lease."""
+    lease = RunLease.acquire(tmp_path, heartbeat_s=10, stale_s=60, start_heartbeat=False)
+    fired: list = []
+    HangWatchdog(0.3, tmp_path, rank=0, world_size=1, grace_s=0, on_fire=lease.release, exit=fired.append).fire(1.0)
+    assert fired == [EXIT_HANG] and holder_of(tmp_path) is None

@@ -1,13 +1,17 @@
 import dataclasses
+import gc
 import math
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.config import ModelConfig, load_config
 from pretrain.model import (
+    SELECTIVE_SAVE,
     Transformer,
     padded_vocab_size,
     param_count_formula,
@@ -160,7 +164,7 @@ def _grads(cfg, x, y, **kw):
     return {n: p.grad.clone() for n, p in m.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["full", "every_n"])
+@pytest.mark.parametrize("mode", ["full", "every_n", "selective"])
 @pytest.mark.parametrize("doc_masking", [False, True])
 def test_activation_checkpointing_gives_identical_grads(mode, doc_masking):
     x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
@@ -170,6 +174,69 @@ def test_activation_checkpointing_gives_identical_grads(mode, doc_masking):
     got = _grads(tiny(n_layers=3, activation_checkpointing=mode, checkpoint_every_n=2, **extra), x, y, doc_ids=doc_ids)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+class _HeldStorages(TorchDispatchMode):
+    """Records every storage an op outputs (weakly: whether it outlives the forward is the point),
+    and which of them SELECTIVE_SAVE ops produced inside a Block (``in_block``, set by hooks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs: list[tuple] = []  # (weakref to storage, bytes, a SELECTIVE_SAVE output in a block)
+        self.in_block = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                self.outputs.append((weakref.ref(st), st.nbytes(), self.in_block and func in SELECTIVE_SAVE))
+        return out
+
+    def alive(self, exclude: set[int], saved_only: bool = False) -> dict[int, int]:
+        """data_ptr -> bytes of the recorded storages still alive (an address can be reused after a
+        free, so liveness is decided per recorded storage, then deduplicated)."""
+        out = {}
+        for ref, n, saved in self.outputs:
+            st = ref()
+            if st is not None and st.data_ptr() not in exclude and (saved or not saved_only):
+                out[st.data_ptr()] = n
+        return out
+
+
+def _activation_bytes(mode: str, attention: str):
+    """Bytes the autograd graph holds after forward (every op output still alive, parameters and
+    the loss excluded): what activation checkpointing is for, counted exactly on the CPU."""
+    m = _model(tiny(n_layers=2, d_model=64, n_kv_heads=4, attention=attention, activation_checkpointing=mode)).train()
+    x, y = torch.randint(0, 97, (4, 64), generator=torch.Generator().manual_seed(1)), torch.zeros(4, 64, dtype=torch.long)
+    held = _HeldStorages()
+    for block in m.blocks:
+        block.register_forward_pre_hook(lambda *_: setattr(held, "in_block", True))
+        block.register_forward_hook(lambda *_: setattr(held, "in_block", False))
+    with held:
+        loss = m(x, labels=y)
+    gc.collect()
+    exclude = {p.untyped_storage().data_ptr() for p in m.parameters()} | {loss.untyped_storage().data_ptr()}
+    alive, saved = held.alive(exclude), held.alive(exclude, saved_only=True)
+    n_saved_outputs = sum(s for _, _, s in held.outputs)
+    loss.backward()
+    return sum(alive.values()), saved, n_saved_outputs, {n: p.grad for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_selective_checkpointing_keeps_exactly_the_matmul_and_attention_outputs(attention):
+    """selective = full + the outputs of SELECTIVE_SAVE inside the blocks, byte for byte; everything
+    else (norms, RoPE, SwiGLU, casts) is recomputed, with gradients identical to no checkpointing."""
+    none, _, _, ref = _activation_bytes("none", attention)
+    full, _, _, _ = _activation_bytes("full", attention)
+    selective, saved, n_saved_outputs, grads = _activation_bytes("selective", attention)
+    assert full < selective < none
+    assert len(saved) == n_saved_outputs > 0  # every output of a SELECTIVE_SAVE op outlived the forward
+    assert selective - full == sum(saved.values())  # and nothing else did
+    if attention == "sdpa":  # the fused kernel's output is kept; eager's [T x T] scores are recomputed
+        assert selective < 0.7 * none, (selective, none)
+    for n in ref:
+        assert torch.equal(grads[n], ref[n]), n
 
 
 def test_given_position_ids_equal_derived_ones():

@@ -4,6 +4,8 @@ import pytest
 
 from pretrain.config import load_config
 from pretrain.monitor import (
+    LOSS_CURVE_FILE,
+    METRICS_FILE,
     Monitor,
     Throughput,
     plot_loss_curve,
@@ -91,3 +93,22 @@ def test_metrics_file_starts_over_at_step_0_and_appends_on_resume(tmp_path):
     m.log_train(2, {"train/loss": 4.0, "train/lr": 1e-3})
     m.close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl", "train")] == [1, 2]
+
+
+def test_nothing_is_written_once_the_run_directory_is_someone_elses(tmp_path):
+    """``may_write`` (RunLease.still_ours in the trainer) turns False: no metrics line, no loss curve."""
+    cfg = load_config(None, ["wandb.mode=disabled", "train.progress_bar=false"])
+    ours = [True]
+    m = Monitor(cfg, rank=0, run_dir=tmp_path, start_step=0, wandb_run_id=None, total_steps=10,
+                may_write=lambda: ours[0])
+    m.log_train(1, {"train/loss": 2.0, "train/lr": 1e-3})
+    before = (tmp_path / METRICS_FILE).read_text()
+    ours[0] = False
+    m.log_train(2, {"train/loss": 1.0, "train/lr": 1e-3})
+    m.log_eval(2, {"val/loss": 1.0, "val/ppl": 2.7})
+    m.close()
+    assert (tmp_path / METRICS_FILE).read_text() == before and not (tmp_path / LOSS_CURVE_FILE).exists()
+    late = Monitor(cfg, rank=0, run_dir=tmp_path / "late", start_step=0, wandb_run_id=None, total_steps=10,
+                   may_write=lambda: False)
+    late.close()
+    assert not (tmp_path / "late").exists()

@@ -215,10 +215,12 @@ def test_time_budget_on_step_1_then_max_tokens_then_resume_at_max_steps_and_max_
 
 
 def test_progress_bar_shows_throughput_between_metric_logs():
-    """log_every=10: steps 1-9 still show tokens/s and MFU on the bar (they used to show '-')."""
+    """Steps between logs still show tokens/s and MFU on the bar (with the last loss read: reading
+    the current one would wait for the device); metrics only when the loop read the step stats."""
     from types import SimpleNamespace
 
     from pretrain.monitor import Throughput
+    from pretrain.stepstats import StepReport
     from pretrain.trainer import _log_step
 
     bar, logged = [], []
@@ -228,9 +230,16 @@ def test_progress_bar_shows_throughput_between_metric_logs():
     for step in (1, 2, 3):
         meter.update(global_tokens=1000, step_time=0.5, wait_time=0.0)
         state = SimpleNamespace(step=step, tokens_seen=1000 * step, skipped_steps=0)
-        _log_step(session, monitor, meter, state, loss=2.0, lr=1e-3, gnorm=1.0, in_a_row=0, force=False)
-    assert [(b[0], b[2], b[3]) for b in bar] == [(s, pytest.approx(2000.0), pytest.approx(0.2)) for s in (1, 2, 3)]
+        _log_step(session, monitor, meter, state, None, None, bar_loss=None)
+    assert [(b[0], b[1], b[2], b[3]) for b in bar] == [(s, None, pytest.approx(2000.0), pytest.approx(0.2)) for s in (1, 2, 3)]
     assert logged == []  # metrics only every log_every steps
+    report = StepReport(loss=2.5, grad_norm=1.0, skipped_steps=0, nonfinite_in_a_row=0, longest_nonfinite_run=0,
+                        applied_nonfinite=0)
+    session.engine = SimpleNamespace(fp16_enabled=lambda: False)
+    session.info = SimpleNamespace(device="cpu")
+    _log_step(session, monitor, meter, SimpleNamespace(step=10, tokens_seen=10_000, skipped_steps=0), report, 1e-3,
+              bar_loss=report.loss)
+    assert bar[-1][1] == 2.5 and logged[0][0] == 10 and logged[0][1]["train/loss"] == 2.5
 
 
 @pytest.mark.slow

@@ -233,7 +233,8 @@ def test_truncated_unscrubbed_jsonl_source_is_a_user_error(corpus, tmp_path):
 
 
 def test_workers_survive_preemption_signals(corpus):
-    """SIGTERM/SIGUSR1 reach the whole process group on preemption (SLURM, pkill -f): the workers
+    """SIGTERM/SIGUSR1 reach every process of the job step on preemption (SLURM signals the step's
+    processes, launch/slurm.sbatch forwards SIGUSR1 the same way): the workers
     must leave them to the trainer, or the loader dies before the trainer can save."""
     import os
     import signal

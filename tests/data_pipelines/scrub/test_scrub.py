@@ -12,8 +12,15 @@ import data_pipelines.scrub.runner as scrub_mod
 from data_pipelines.scrub.manifest import read_manifest, shard_files
 from data_pipelines.scrub.runner import SCRUB_FAULT_ENV, lease_name, run_scrub
 from pretrain.config import load_config
-from pretrain.errors import EXIT_DISK_FULL, DiskFullError, UserError
-from pretrain.run_lease import LEASE_NAME, RunLease
+from pretrain.errors import EXIT_DISK_FULL, EXIT_LEASE_LOST, DiskFullError, UserError
+from pretrain.run_lease import (
+    LEASE_NAME,
+    RunLease,
+    generation_file,
+    generations,
+    holder_of,
+    read_holder,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 NOUNS = ("river valley farmer village town coast trade idea tool crop scholar record harbour bridge market "
@@ -380,14 +387,59 @@ def test_a_second_scrub_on_a_live_output_exits_2_naming_the_holder(tmp_path):
         r = subprocess.run(cli, capture_output=True, text=True, cwd=REPO, timeout=120)
         assert r.returncode == 2, r.stderr[-2000:]
         assert f"scrub.output {out} is in use by another job (host " in r.stderr and "Traceback" not in r.stderr
-        assert sorted(p.name for p in out.iterdir()) == [LEASE_NAME]  # nothing written
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [LEASE_NAME, f"{LEASE_NAME}/gen-000001"]
         # several ranks share one output directory: each rank holds its own lease
         with RunLease.acquire(out, 10, 120, name=lease_name(0, 2), start_heartbeat=False):
             assert run_scrub(config(tmp_path, "out", "scrub.world_size=2", "scrub.rank=1",
                                     "scrub.stage=signatures")) == 0
-            with pytest.raises(UserError, match=rf"scrub.output {out} is in use .*\.lease-rank-0\.json"):
+            with pytest.raises(UserError, match=rf"scrub.output {out} is in use .*\.lease-rank-0/gen-000001"):
                 run_scrub(config(tmp_path, "out", "scrub.world_size=2", "scrub.rank=0", "scrub.stage=signatures"))
-    assert not (out / lease_name(1, 2)).exists()  # released at the end of the scrub
+    assert holder_of(out, lease_name(1, 2)) is None  # released at the end of the scrub
+
+
+TAKEN_OVER_BEFORE_THE_WRITE_PHASE = """
+import json, sys, time
+from pathlib import Path
+import data_pipelines.scrub.runner as runner
+from data_pipelines.__main__ import main
+from pretrain.run_lease import LEASE_NAME, generation_file, generations
+
+out = Path(sys.argv[1])
+real = runner.decide_duplicates
+
+def taken_over_then_decide(cfg, out_dir, units):
+    # Another job takes this scrub's lease over (it judged it stale) just before the write phase.
+    lease_dir = out / LEASE_NAME
+    now = time.time()
+    generation_file(lease_dir, generations(lease_dir)[-1] + 1).write_text(json.dumps(dict(
+        host="othernode", pid=4242, job_id="777", started=now, heartbeat=now, token="successor")))
+    return real(cfg, out_dir, units)
+
+runner.decide_duplicates = taken_over_then_decide
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_scrub_that_loses_its_lease_stops_at_once_and_writes_nothing_more(tmp_path):
+    """Another job takes over between phase 1 and the write phase: the scrub exits EXIT_LEASE_LOST
+    with one line naming that job, and writes no shard, no unit marker and no manifest."""
+    make_corpus(tmp_path)
+    out = tmp_path / "out"
+    driver = tmp_path / "driver.py"
+    driver.write_text(TAKEN_OVER_BEFORE_THE_WRITE_PHASE)
+    cli = [sys.executable, str(driver), str(out), "scrub", str(REPO / "configs/scrub/enwiki.yaml"),
+           f"scrub.inputs=[{tmp_path}/in]", f"scrub.output={out}", "scrub.workers=1"]
+    r = subprocess.run(cli, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == EXIT_LEASE_LOST, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if "lost the directory's lease" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"error: scrub.output {out}: this job lost the directory's lease "
+                                                   "to another job (generation 2: host othernode, pid 4242, SLURM job 777")
+    assert "Traceback" not in r.stderr
+    assert list((out / "_work" / "p1").glob("*.done.json"))  # phase 1 ran (the test would prove nothing otherwise)
+    assert not [p for p in out.rglob("*") if "shards" in p.parts] and not (out / "manifest.json").exists()
+    assert not [p for p in out.rglob("*.done.json") if "p1" not in p.parts], "a write-phase unit was marked done"
+    assert generations(out / LEASE_NAME) == [1, 2] and holder_of(out).token == "successor"
+    assert not read_holder(generation_file(out / LEASE_NAME, 1)).released  # its own file left alone too
 
 
 def test_a_full_output_disk_fails_clearly_and_the_rerun_accounts_for_every_document(tmp_path, monkeypatch):
@@ -399,7 +451,7 @@ def test_a_full_output_disk_fails_clearly_and_the_rerun_accounts_for_every_docum
     assert e.value.exit_status == EXIT_DISK_FULL
     assert f"scrub.output {out}: no space left on device" in str(e.value) and "rerun the same command" in str(e.value)
     assert not (out / "manifest.json").exists() and not list(out.rglob("*.tmp"))  # the partial shard is gone
-    assert not (out / LEASE_NAME).exists()
+    assert holder_of(out) is None  # released on the way out: the rerun is not blocked
     monkeypatch.delenv(SCRUB_FAULT_ENV)
     assert run_scrub(config(tmp_path)) == 0  # space freed: the same command
     m = read_manifest(out, verify="sha256")

@@ -25,7 +25,9 @@ from pretrain.checkpoint import (
     is_complete,
 )
 from pretrain.config import load_config
+from pretrain.errors import LeaseLostError
 from pretrain.faults import FAULT_ENV
+from pretrain.run_lease import LEASE_NAME, RunLease, generation_file, generations
 
 
 def test_resume_restores_engine_state_loader_and_rng(tmp_path):
@@ -141,3 +143,55 @@ def test_changing_data_num_workers_on_resume_reshards_the_loader_state(tmp_path,
     assert make(tmp_path, "data.num_workers=1").resume()[1] == {"workers": 1, "pos": 7} and calls == []  # as saved
     assert make(tmp_path, "data.num_workers=2").resume()[1] == {"workers": 2, "pos": 7}
     assert calls == [([{"workers": 1, "pos": 7}], 1, 2)]
+
+
+# --------------------------------------------------------------------------------------------
+# A save in a run directory whose lease another job took over
+# --------------------------------------------------------------------------------------------
+
+
+def _take_over(run_dir: Path) -> None:
+    """Another job (on another host) takes the run directory's lease over, as after a stall."""
+    lease_dir = run_dir / LEASE_NAME
+    now = time.time()
+    generation_file(lease_dir, generations(lease_dir)[-1] + 1).write_text(json.dumps(dict(
+        host="othernode", pid=4242, job_id="777", started=now, heartbeat=now, token="successor")))
+
+
+def test_a_save_after_the_lease_was_lost_writes_nothing(tmp_path):
+    lease = RunLease.acquire(tmp_path, 10, 60, start_heartbeat=False)
+    c = make(tmp_path, "checkpoint.keep_last=1")
+    c.lease = lease
+    c.save(TrainState(step=2), {"pos": 2})
+    _take_over(tmp_path)
+    with pytest.raises(LeaseLostError, match=r"lost the directory's lease to another job \(generation 2: host othernode"):
+        c.save(TrainState(step=4), {"pos": 4})
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["latest", "step_00000002"]
+
+
+class TakenOverWhileSaving(FakeEngine):
+    """The lease is lost while the engine writes its shards (the holder stalled meanwhile)."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__()
+        self.run_dir = run_dir
+        self.take_over = False
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True):
+        super().save_checkpoint(save_dir, tag, client_state, save_latest)
+        if self.take_over:
+            _take_over(self.run_dir)
+
+
+def test_a_save_whose_lease_is_lost_midway_is_never_marked_pointed_at_or_pruned(tmp_path):
+    lease = RunLease.acquire(tmp_path, 10, 60, start_heartbeat=False)
+    engine = TakenOverWhileSaving(tmp_path)
+    c = make(tmp_path, "checkpoint.keep_last=1", engine=engine)
+    c.lease = lease
+    c.save(TrainState(step=2), {"pos": 2})
+    engine.take_over = True
+    with pytest.raises(LeaseLostError, match=r"generation 2: host othernode, pid 4242, SLURM job 777"):
+        c.save(TrainState(step=4), {"pos": 4})
+    ckpts = tmp_path / "checkpoints"
+    assert not (ckpts / "step_00000004" / MARKER).exists()  # the shards in flight were written, never marked
+    assert (ckpts / "latest").read_text().strip() == "step_00000002" and is_complete(ckpts / "step_00000002")

@@ -22,6 +22,7 @@ def test_parse_spec_forms():
     assert parse("after_shards") == Fault("after_shards", None, "kill")
     assert parse("after_marker@6") == Fault("after_marker", 6, "kill")
     assert parse("after_engine@4:enospc") == Fault("after_engine", 4, "enospc")
+    assert parse("before_marker@4%0:stop") == Fault("before_marker", 4, "stop", 0)
     for bad in ("after_shard", "after_shards@x", "after_shards:explode", "@4"):
         with pytest.raises(UserError, match=FAULT_ENV):
             parse(bad)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,21 @@ from pretrain.checkpoint import (
     list_checkpoints,
     plan_resume,
 )
-from pretrain.checkpoint.plan import LOADER_AS_SAVED, LOADER_MISSING, LOADER_RESHARD
+from pretrain.checkpoint.format import TokenizerRef
+from pretrain.checkpoint.plan import (
+    ALLOWABLE,
+    ALLOWED,
+    LOADER_AS_SAVED,
+    LOADER_MISSING,
+    LOADER_RESHARD,
+    NAMED,
+    REFUSED,
+    RULES,
+    check_settings,
+    run_settings,
+    setting_changes,
+)
+from pretrain.config import RESUME_ALLOWABLE, load_config, to_dict
 
 STEP = Path("step_00000004")
 
@@ -61,6 +76,17 @@ def test_resume_plan_decision_table(saved_world, saved_stage, world, stage, stat
 def test_resume_plan_refuses_zero_0_against_sharded_across_a_change(saved_stage, stage):
     with pytest.raises(CheckpointError, match=f"zero_stage={saved_stage}; resuming it with deepspeed.zero_stage={stage}"):
         _plan(2, saved_stage, 1, stage)
+
+
+def test_resume_plan_refuses_a_zero_0_optimizer_for_other_parameter_dtypes():
+    """ZeRO-0 bf16 keeps fp32 parameters under autocast now; a checkpoint of the former bf16-parameter
+    layout (its meta records only the precision) cannot feed that optimizer, and says so."""
+    old = {"world_size": 1, "zero_stage": 0, "precision": "bf16"}
+    with pytest.raises(CheckpointError, match="ZeRO-0 optimizer for bf16 parameters.*pretrain export"):
+        plan_resume(STEP, old, [None], 1, 0, 1, param_dtype="fp32")
+    assert plan_resume(STEP, {**old, "param_dtype": "fp32"}, [None], 1, 0, 1, param_dtype="fp32").world == 1
+    assert plan_resume(STEP, {**old, "precision": "fp32"}, [None], 1, 0, 1, param_dtype="fp32").world == 1
+    assert plan_resume(STEP, {**old, "zero_stage": 1}, [None], 1, 1, 1, param_dtype="bf16").world == 1
 
 
 def test_resume_modes(tmp_path):
@@ -119,3 +145,104 @@ def test_resume_never_refuses_a_run_dir_with_metrics_and_no_checkpoints(tmp_path
     with pytest.raises(CheckpointError, match=r"run.dir already holds a run .*metrics.jsonl.*checkpoint.overwrite=true"):
         make(tmp_path, *args).resume()
     assert make(tmp_path, *args, "checkpoint.overwrite=true").resume() is None
+
+
+# ---- is this the same run? (check_settings and its table) ---------------------------------------
+
+TOK = TokenizerRef("a" * 64, "/data/tok/tokenizer.json")
+
+
+def _settings(*overrides: str, tokenizer: TokenizerRef | None = TOK) -> dict:
+    return run_settings(to_dict(load_config(None, list(overrides))), tokenizer)
+
+
+def _changes(saved: tuple, now: tuple, allow: tuple = (), saved_tok: TokenizerRef | None = TOK,
+             now_tok: TokenizerRef | None = TOK) -> dict[str, str]:
+    return {c.key: c.verdict for c in setting_changes(_settings(*saved, tokenizer=saved_tok),
+                                                      _settings(*now, tokenizer=now_tok), allow)}
+
+
+@pytest.mark.parametrize(
+    "saved,now,expected",
+    [
+        # the weights' shapes
+        ((), ("model.n_layers=4",), {"model.n_layers": REFUSED}),
+        (("model.vocab_size=1024",), ("model.vocab_size=2048",), {"model.vocab_size": REFUSED}),
+        ((), ("model.tie_embeddings=true",), {"model.tie_embeddings": REFUSED}),
+        # the optimizer's files and groups
+        (("train.precision=bf16",), ("train.precision=fp32",), {"train.precision": REFUSED}),
+        ((), ("optim.decay_norms=true",), {"optim.decay_norms": REFUSED}),
+        # the loader's position
+        ((), ("run.seed=7",), {"run.seed": REFUSED}),
+        ((), ("data.mode=pretokenized",), {"data.mode": REFUSED}),
+        ((), ("data.chunk_docs=32",), {"data.chunk_docs": REFUSED}),
+        (("data.mode=pretokenized",), ("data.mode=pretokenized", "data.chunk_docs=32"), {"data.chunk_docs": NAMED}),
+        ((), ("data.sources[0].name=web",), {"data.sources": REFUSED}),
+        # sequence length: a schedule in streaming mode, another sample grid in pretokenized mode
+        ((), ("data.seq_len=128",), {"data.seq_len": NAMED}),
+        (("data.mode=pretokenized",), ("data.mode=pretokenized", "data.seq_len=128"), {"data.seq_len": REFUSED}),
+        (("data.mode=pretokenized",), ("data.mode=pretokenized", "train.micro_batch_size=4"),
+         {"train.micro_batch_size": REFUSED}),
+        ((), ("train.micro_batch_size=4",), {"train.micro_batch_size": NAMED}),
+        # refused unless allowed
+        ((), ("data.val_fraction=0.1",), {"data.val_fraction": REFUSED}),
+        ((), ("model.rope_theta=500000",), {"model.rope_theta": REFUSED}),
+        # may change, named: the corpus by content, weights, the schedule, elastic settings
+        ((), ("data.sources[0].path=/elsewhere",), {"data.sources[main].path": NAMED}),
+        ((), ("data.sources[0].weight=2",), {"data.sources[main].weight": NAMED}),
+        ((), ("optim.lr=1e-4", "train.max_steps=5000"), {"optim.lr": NAMED, "train.max_steps": NAMED}),
+        ((), ("deepspeed.zero_stage=3", "data.num_workers=2"), {"deepspeed.zero_stage": NAMED, "data.num_workers": NAMED}),
+        ((), ("model.max_seq_len=2048",), {"model.max_seq_len": NAMED}),
+        # not compared: other commands' settings and how this invocation resumes
+        ((), ("tokenizer.vocab_size=512", "scrub.workers=4", "checkpoint.resume=never", "checkpoint.overwrite=true",
+              "checkpoint.allow_changes=[data.tokenizer]"), {}),
+        # the tokenizer's path is not compared: data.tokenizer moved is no change
+        ((), ("data.tokenizer=/moved/tokenizer.json",), {}),
+    ],
+)
+def test_setting_changes_decision_table(saved, now, expected):
+    assert _changes(saved, now) == expected
+
+
+def test_tokenizer_is_compared_by_content_and_can_be_allowed():
+    other = TokenizerRef("b" * 64, "/data/tok/tokenizer.json")  # same path, retrained in place
+    moved = TokenizerRef("a" * 64, "/elsewhere/tokenizer.json")
+    assert _changes((), (), now_tok=moved) == {}
+    assert _changes((), (), now_tok=other) == {"data.tokenizer": REFUSED}
+    assert _changes((), (), ("data.tokenizer",), now_tok=other) == {"data.tokenizer": ALLOWED}
+    # Without a tokenizer file on one side (pretokenized mode without one) there is nothing to compare.
+    assert _changes((), (), saved_tok=None, now_tok=other) == {}
+    assert _changes((), ("data.val_fraction=0.1",), ("data.tokenizer",), now_tok=other) == {
+        "data.tokenizer": ALLOWED, "data.val_fraction": REFUSED}  # each allowance names its own key
+
+
+def test_refusal_names_key_both_values_and_the_way_out_on_one_line():
+    saved = TokenizerRef("a" * 64, "/data/tok/tokenizer.json", copy="/run/step_00000003/tokenizer.json")
+    other = TokenizerRef("b" * 64, "/data/tok2/tokenizer.json")
+    with pytest.raises(CheckpointError) as e:
+        check_settings(STEP, _settings(tokenizer=saved), _settings(tokenizer=other))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert ("data.tokenizer: checkpoint /data/tok/tokenizer.json, saved with it as /run/step_00000003/tokenizer.json "
+            "(sha256 aaaaaaaaaaaa), config /data/tok2/tokenizer.json (sha256 bbbbbbbbbbbb)") in msg
+    assert "set checkpoint.allow_changes=[data.tokenizer]" in msg
+    with pytest.raises(CheckpointError, match=r"this config:\n  model.n_layers: checkpoint 6, config 4 .*\n  "
+                                              r"train.precision: checkpoint bf16, config fp32"):
+        check_settings(STEP, _settings("train.precision=bf16"), _settings("model.n_layers=4", "train.precision=fp32"))
+    allowed = check_settings(STEP, _settings(tokenizer=saved), _settings("data.seq_len=128", tokenizer=other),
+                             ["data.tokenizer"])
+    assert [(c.key, c.verdict) for c in allowed] == [("data.tokenizer", ALLOWED), ("data.seq_len", NAMED)]
+    assert "nothing is skipped or repeated" in allowed[1].describe()
+
+
+def test_a_setting_the_checkpoint_did_not_record_is_not_compared():
+    saved = _settings("model.n_layers=4")
+    del saved["model.n_layers"], saved["model.rope_theta"]  # a checkpoint of a version without these keys
+    assert _changes((), ()) == {} and setting_changes(saved, _settings()) == []
+
+
+def test_every_rule_names_a_real_setting_and_the_allowable_ones_are_the_schemas():
+    keys = set(_settings("data.validation=[{name: v, path: /v}]"))
+    generic = {re.sub(r"\[[^\]]*\]", "[]", k) for k in keys} | {"data.tokenizer"}
+    assert [r.key for r in RULES if r.key not in generic] == []  # a typo here would never fire
+    assert {r.key for r in RULES if r.kind == ALLOWABLE} == set(RESUME_ALLOWABLE)

@@ -10,7 +10,7 @@ from typing import Protocol
 class PhoneScorer(Protocol):
     """What phone validation offers (:class:`~.phone.PhoneValidator`)."""
 
-    def score(self, cand: str, text: str, start: int) -> float | None: ...
+    def score(self, body: str, text: str, start: int, end: int) -> float | None: ...
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from data_pipelines.scrub.filters.pii import validators as v
 from data_pipelines.scrub.filters.pii.context import Candidate
-from data_pipelines.scrub.filters.pii.phone import phone_spans
+from data_pipelines.scrub.filters.pii.phone import broken_phone_spans, phone_spans
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,18 @@ _SECRET_NAMES = (
     r"(?:password|passwd|pwd|passphrase|secret|api[_\-]?key|apikey|access[_\-]?key|private[_\-]?key"
     r"|auth[_\-]?token|access[_\-]?token|token|client[_\-]?secret)"
 )
+
+# A phone number cut by layout between the area code and the rest: the area code (with its
+# country code: "+353 1", "+44 (0)20"; or its trunk prefix 0 or 8: "(617)", "(0-612)", "0161",
+# "0 800", "06 20", "8 (495)", "8 66"), then a line break, a tab, two spaces or HTML no-break
+# spaces, then the rest. Hyperscan looks for the break between two digits (the full pattern is
+# too large for its start-of-match tracking); the area code lies at most _AREA_CODE_LEN
+# characters before it.
+_AREA_CODE = (r"(?:(?:\+|00)\d{1,3}[ .\-]?(?:\(0\) ?)?\(?\d{1,5}\)?|\((?:\d{1,3}|0-?\d{1,4})\)"
+              r"|0\d{0,4}(?:[ .\-]\d{1,4})?|8 ?\(\d{2,5}\)|8 \d{2,5})\.?")
+_AREA_CODE_LEN = 20
+_LAYOUT_BREAK = r"[ \t]{0,8}(?:\r?\n|\t|(?:&nbsp;|&#160;){1,3}| {2})[ \t]{0,40}"
+_SUBSCRIBER = r"\d[\d\-. ]{1,20}\d"
 
 PATTERNS: tuple[Pattern, ...] = (
     Pattern("secret", "pem_private_key", r"-----BEGIN[A-Z ]{0,20}PRIVATE KEY-----",
@@ -118,4 +130,7 @@ PATTERNS: tuple[Pattern, ...] = (
             r"([+(\d](?<![\d+][+(\d])(?<!\d\.[+(\d])(?:(?<=\+)\s?\(?\d|(?<=\()\d|(?<=\d))"
             r"[\d().\-/ \u00a0]{5,40}\d(?:\s?(?:x|ext\.?)\s?\d{1,6})?)(?!\d|\.\d)",
             v.always, has_digit, tail=30, spans=phone_spans, digit_run=True),
+    Pattern("phone", "phone_broken", r"[\d)]\.?" + _LAYOUT_BREAK + _SUBSCRIBER,
+            rf"((?<![\w+.\-/()]){_AREA_CODE}{_LAYOUT_BREAK}{_SUBSCRIBER})(?!\d|\.\d)",
+            v.always, has_digit, head=_AREA_CODE_LEN, spans=broken_phone_spans, digit_run=True),
 )

@@ -10,8 +10,9 @@ from collections.abc import Iterable
 from data_pipelines.scrub.filters.pii.patterns import Pattern
 
 # Superset of every card/SSN/IPv4/phone match: 7+ characters from the union of their alphabets,
-# digits at both ends (a phone's leading "+ (" is covered by _DIGIT_HEAD).
-DIGIT_RUN = re.compile(r"\d[\d().\-/ \u00a0]{5,}\d")
+# digits at both ends (a phone's leading "+ (" is covered by _DIGIT_HEAD). Line breaks, tabs and
+# HTML no-break spaces are in it for numbers cut by layout ("(617)\n 253-1000").
+DIGIT_RUN = re.compile(r"\d(?:[\d().\-/ \u00a0\t\r\n]|&nbsp;|&#160;){5,}\d")
 _DIGIT_HEAD = 3
 
 

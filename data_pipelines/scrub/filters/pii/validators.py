@@ -31,8 +31,8 @@ def valid_email(c: Candidate) -> float | None:
     labels = domain.split(".")
     if any(not lab or lab[0] == "-" or lab[-1] == "-" for lab in labels):
         return None
-    if labels[-1].lower() in _FILE_EXTENSIONS:  # icon@2x.png, logo@3x.webp
-        return None
+    if labels[-1].lower() in _FILE_EXTENSIONS and any(ch.isdigit() for ch in labels[0]):
+        return None  # icon@2x.png, logo@3x.webp; but jan@example.py is Paraguay, not Python
     return 1.0
 
 
@@ -61,12 +61,15 @@ _PRIVATE_V6 = tuple(_V6(n) for n in ("fc00::/7", "fec0::/10"))
 
 # Dotted numbers after these words are versions, sections, figures: "Chapter 4.2.1.3",
 # "lz4>=1.7.4.2", "v10.0.0.1", "Abschnitt 3.1.2.4". A ">" closing an HTML tag ("<td>1.2.3.4") is
-# markup, not a version comparison.
+# markup, not a version comparison. The words must be words: "sec." and "ch." inside a host name
+# ("from sec.example.com ([1.2.3.4])", "(host.adsl.ch.example.net [1.2.3.4])") are no sections.
 _NOT_AN_IP_CONTEXT = re.compile(
-    r"(?:[<>~!=]=|<|(?<![\w\"'/\]-])>|\bv|\bver\.?|\brev\.?|§|\b(?:version|release|build|firmware|kernel|section|sect?\.?|chapter"
+    r"(?:[<>~!=]=|<|(?<![\w\"'/\]-])>|§|(?<![\w.@/])v|(?<![\w.@/\-])(?:ver\.?|rev\.?"
+    r"|(?:version|release|build|firmware|kernel|section|sect?\.?|chapter"
     r"|chap\.?|ch\.|figure|fig\.?|table|tab\.|appendix|clause|paragraph|para\.?|article|art\.|step|equation|eq\.?"
     r"|theorem|lemma|part|item|rule|kapitel|abschnitt|abbildung|tabelle|cap[ií]tulo|secci[oó]n|tabla|figura"
-    r"|chapitre|tableau|capitolo|sezione|tabella|hoofdstuk|rozdzia[lł]|глава|раздел|рисунок|таблица)s?\b[^\n\d]{0,16})\s*$",
+    r"|chapitre|tableau|capitolo|sezione|tabella|hoofdstuk|rozdzia[lł]|глава|раздел|рисунок|таблица)s?)"
+    r"(?![\w@]|[.:/\-]\w)[^\n\d]{0,16})\s*$",
     re.I,
 )
 
@@ -148,13 +151,18 @@ _GUID_OR_HEX = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-|(?=[0-9]*[A-Fa-f])[0-
 _URLISH = re.compile(r"://|doi|/10\.|^10\.\d{4}", re.I)
 
 
+def _hebrew_prefix(text: str, i: int) -> bool:
+    """A one-letter Hebrew preposition glued to the number with a hyphen ("ב-03", "ל-052")."""
+    return text[i] in "בלמשהוכ" and (i == 0 or not text[i - 1].isalnum())
+
+
 def inside_identifier(text: str, start: int, end: int) -> bool:
     """Digit runs inside identifiers: IBAN-like codes, GUIDs, hashes, URLs/DOIs, timestamps."""
     left = text[start - 1] if start else " "
     right = text[end] if end < len(text) else " "
     if (left == ":" and start >= 2 and text[start - 2].isdigit()) or (right == ":" and text[end + 1: end + 2].isdigit()):
         return True  # 10:43:02.028663
-    if left in "-_" and start >= 2 and text[start - 2].isalnum():
+    if left in "-_" and start >= 2 and text[start - 2].isalnum() and not _hebrew_prefix(text, start - 2):
         return True  # aix-6107-1415-32, id_5551234567
     if left.isalnum():
         i = start
@@ -196,10 +204,15 @@ def valid_card(c: Candidate) -> float | None:
     return None
 
 
+_INTERNATIONAL_BEFORE = re.compile(r"\+\d{1,3}[ .\-]?(?:\(?\d{1,4}\)?)?\s*$")
+
+
 def valid_ssn(c: Candidate) -> float | None:
     area, group, serial = c.value.split("-")
     if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
         return None
+    if _INTERNATIONAL_BEFORE.search(c.before(16)):
+        return None  # "+60 1  300-12-3456": the rest of an international phone number
     return 1.0
 
 
