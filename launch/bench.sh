@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: the scrub, loader and trainer benchmarks on this machine, one markdown table.
 # Each bench prints one JSON object as its last line; the table is written to runs/bench/BENCH.md
-# (the README quotes it). Needs the demo corpus and tokenizer: run `make demo` once first, or it
+# (docs/benchmarks.md quotes it). Needs the demo corpus and tokenizer: run `make demo` once first, or it
 # prepares them itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -125,8 +125,11 @@ CAUSAL = AttnMask("causal")
 def document_mask(backend: str, doc_ids: torch.Tensor) -> AttnMask:
     """Causal mask restricted to each document of a packed batch (doc_ids [B, T], 0,0,1,1,2,...)."""
     B, T = doc_ids.shape
-    if bool((doc_ids[:, 0] == doc_ids[:, -1]).all()):
-        return CAUSAL  # every row is one document: the plain causal kernel is the fastest
+    # Every row one document: the plain causal kernel is the fastest. Finding out reads the device,
+    # so flex skips the test: its block mask is built on the device, a one-document row costs what
+    # causal costs, and the host never waits (flash-attn's varlen lengths need the host anyway).
+    if backend != "flex" and bool((doc_ids[:, 0] == doc_ids[:, -1]).all()):
+        return CAUSAL
     if backend == "flash_attn":
         # A new sequence starts at each row start and at each document change.
         starts = torch.ones_like(doc_ids, dtype=torch.bool)

@@ -2,7 +2,7 @@
 
 Sections are plain dataclasses; omegaconf turns them into a structured config so YAML files and
 dotlist overrides (``model.n_layers=4``) are type-checked against them. Each field carries its help
-text and range in ``metadata`` so the README reference is generated from this file and cannot
+text and range in ``metadata`` so the reference in docs/configuration.md is generated from this file and cannot
 drift. Everything here is light (no torch): validation runs before any heavy import, process group
 or data access.
 
@@ -831,7 +831,7 @@ def save_resolved(cfg: Config, run_dir: str | os.PathLike, name: str = "config.y
 
 
 def reference_markdown() -> str:
-    """The configuration reference for README.md, generated from the schema."""
+    """The configuration reference of docs/configuration.md, generated from the schema."""
     lines: list[str] = []
 
     def section(cls: type, prefix: str, title_help: str) -> None:

@@ -9,7 +9,7 @@ ones the casts cost more than the faster matmul gains. The output head is left a
 chunked loss uses its weight directly, not its forward).
 
 Needs float8 tensor cores: CUDA compute capability >= 8.9 (Ada, Hopper and newer) and torchao.
-Not checked on a GPU yet (see the README's benchmark section): ZeRO-3 is refused, because its
+Not checked on a GPU yet (docs/benchmarks.md): ZeRO-3 is refused, because its
 parameter placeholders are swapped in and out under the module, which Float8Linear's weight
 casts do not expect.
 """

@@ -28,7 +28,7 @@ from data_pipelines.loading.pretokenize import INDEX_NAME, pretokenize
 
 log = logging.getLogger(__name__)
 
-TRAINER_BENCH_TOKENS_PER_S = 8_600  # issue 6's target at the bench shape; the loader must give 10x
+TRAINER_BENCH_TOKENS_PER_S = 8_600  # the CPU trainer's target at the bench shape; the loader must give 10x
 
 
 def _throughput(cfg, seconds: float) -> dict:

@@ -13,7 +13,7 @@ Labelling rules (independent of the detector's code paths where possible):
 
 * phone: every Faker number that ``phonenumbers`` can parse for its locale's region is labelled,
   whether or not ``is_valid_number`` accepts it (that is the detector's own last check: filtering
-  by it made the set agree with the detector by construction; issue 17 item 8). Every number
+  by it made the set agree with the detector by construction). Every number
   follows a cue word ("Call", "Tel.", "mobile"). National formats appear only for regions in
   ``phone_regions``; other locales write numbers internationally, as foreign numbers are written
   in real text. Some numbers are glued to text ("call2125550147now", "Tel:+44..."). The held-out

@@ -33,7 +33,7 @@ Several machines: give each the same config and output directory (a shared files
 ``stage=all`` everywhere with ``wait_timeout_s`` (ranks wait for each other's phase-1 outputs),
 or run the stages as dependent jobs: ``stage=signatures`` on every rank, (bucketed dedup:
 ``stage=buckets``, then ``stage=pairs`` on every rank,) then ``stage=write`` on every rank, then
-one ``stage=merge`` (the SLURM recipe in the README).
+one ``stage=merge`` (the SLURM recipe in docs/scrub.md).
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: at this shape more threads only add synchronization)")
     p.add_argument("--gc-freeze", action="store_true",
-                   help="gc.freeze() after warm-up (train() does not: it measured no gain, README)")
+                   help="gc.freeze() after warm-up (train() does not: it measured no gain, docs/benchmarks.md)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.threads:

@@ -110,7 +110,7 @@ def one_line_error(p: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.parametrize("key", ["data.sources[0].path", "data.sources.0.path"])
 def test_override_of_one_list_item(tmp_path, key):
-    """issue 16: `data.sources[0].path=...` (both omegaconf forms) changes that item only."""
+    """`data.sources[0].path=...` (both omegaconf forms) changes that item only."""
     cfg = tmp_path / "my_run.yaml"
     cfg.write_text("data:\n  sources:\n    - {name: web, path: /data/web, weight: 3}\n    - {name: books, path: /data/books}\n")
     p = run("-m", "pretrain", "train", str(cfg), f"{key}=/data/other", "--print-config")

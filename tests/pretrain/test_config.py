@@ -236,13 +236,13 @@ def test_every_key_has_help():
     assert "||" not in ref.replace("|---|---|---|", "")  # no empty help cell
 
 
-def test_readme_reference_is_current():
-    """README.md embeds the generated reference; regenerate with `make readme-config`."""
-    readme = (REPO / "README.md").read_text()
+def test_configuration_reference_is_current():
+    """docs/configuration.md embeds the generated reference; regenerate with `make docs-config`."""
+    readme = (REPO / "docs" / "configuration.md").read_text()
     begin, end = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
     assert begin in readme and end in readme
     embedded = readme.split(begin, 1)[1].split(end, 1)[0].strip()
-    assert embedded == reference_markdown().strip(), "README config reference is stale: run `make readme-config`"
+    assert embedded == reference_markdown().strip(), "docs/configuration.md is stale: run `make docs-config`"
 
 
 def test_every_shipped_config_loads():

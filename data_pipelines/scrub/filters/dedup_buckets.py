@@ -30,7 +30,7 @@ not depend on the order unions are applied, so step 4 gives the same roots.
 Memory: one exact step holds 16 bytes per record of its bucket, one pairs step 32 bytes per
 band record of its bucket plus the signatures (4 x num_perm bytes) of colliding documents, both
 about 3x for sorting; with N candidates, B buckets and b bands that is ~48 N / B resp.
-~96 b N / B bytes (README). The join holds the pairs (16 bytes each): it grows with the number
+~96 b N / B bytes (measured: docs/benchmarks.md). The join holds the pairs (16 bytes each): it grows with the number
 of near duplicates, not with the corpus.
 """
 

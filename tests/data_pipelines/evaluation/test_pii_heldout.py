@@ -111,7 +111,7 @@ def test_eval_pii_builtin_heldout_and_table():
         read_labelled("builtin:pii-heldout:abc")
 
 
-ISSUE_CASES = [
+REPORTED_CASES = [
     # (text, expected redacted values)
     ("Phone: 555 1234, Fax: 555 5678", ["555 1234", "555 5678"]),
     ("Tel: 020 7946 0958 or 020 7946 0959", ["020 7946 0958", "020 7946 0959"]),
@@ -132,7 +132,7 @@ ISSUE_CASES = [
     ("quoted 'ann@example.com' and &lt;bo@example.com&gt;", ["ann@example.com", "bo@example.com"]),
 ]
 
-ISSUE_NEGATIVES = [
+REPORTED_NEGATIVES = [
     "Chapter 4.2.1.3 and Figure 1.2.3.4, Table 10.1.2.3, Abschnitt 3.1.2.4, v1.2.3.4.",
     "netmask 255.255.255.0; multicast 224.0.0.251; link-local fe80::1:2:3; 0.0.0.0; ff02::1:2",
     "Phone hours 9:00-17:30, call before 2023-10-05; Fax 1990-2000; Tel 3.14159; Office 365.",
@@ -141,14 +141,14 @@ ISSUE_NEGATIVES = [
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("text,values", ISSUE_CASES, ids=[f"case-{i}" for i in range(len(ISSUE_CASES))])
-def test_issue_14_cases(engine, text, values):
+@pytest.mark.parametrize("text,values", REPORTED_CASES, ids=[f"case-{i}" for i in range(len(REPORTED_CASES))])
+def test_reported_cases(engine, text, values):
     assert [text[s.start:s.end] for s in redactor(engine).detect(text)] == values
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("text", ISSUE_NEGATIVES, ids=[f"neg-{i}" for i in range(len(ISSUE_NEGATIVES))])
-def test_issue_14_negatives(engine, text):
+@pytest.mark.parametrize("text", REPORTED_NEGATIVES, ids=[f"neg-{i}" for i in range(len(REPORTED_NEGATIVES))])
+def test_reported_negatives(engine, text):
     spans = redactor(engine).detect(text)
     assert spans == [], [(s.type, text[s.start:s.end]) for s in spans]
 

@@ -203,7 +203,7 @@ def test_multi_mb_line_is_too_large_without_being_held(tmp_path, suffix):
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 16: a hub dataset that cannot be opened is one line naming the input, exit status 2.
+# A hub dataset that cannot be opened is one line naming the input, exit status 2.
 # Offline only: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE and an empty HF_HOME (nothing cached).
 
 REPO = Path(__file__).resolve().parents[3]
