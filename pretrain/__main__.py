@@ -14,6 +14,7 @@ from typing import NoReturn
 from pretrain.dist import exit_process, strip_launcher_args
 from pretrain.errors import exit_on_user_error
 from pretrain.parent_death import arm_parent_death, started_by_launcher
+from pretrain.stopping import catch_stop_signals_early
 
 
 def _config_command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_plan(cfg, args.config, args.gpus, args.gpu_memory_gib, args.bench_json, args.bus_bandwidth_gbs,
                         args.gpus_per_node)
 
+    if args.command == "train":
+        catch_stop_signals_early()  # before torch and DeepSpeed import: a preemption warning then is kept
     if args.command in ("train", "bench", "audit"):
         if started_by_launcher():  # a worker of torchrun / deepspeed / srun dies with its launcher
             arm_parent_death(parent)

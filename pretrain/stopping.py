@@ -33,10 +33,29 @@ class Stop:
     preempted: bool = False  # a signal: no final evaluation inside the short grace period
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+_early: list[str] = []  # stop signals received before the loop's handler was installed
+
+
+def _record_early(signum, frame) -> None:
+    _early.append(signal.Signals(signum).name)
+
+
+def catch_stop_signals_early() -> None:
+    """Record SIGTERM / SIGUSR1 from process start until :class:`StopSignals` takes over.
+
+    SLURM warns of preemption once; a warning that arrives while torch and DeepSpeed import would
+    otherwise be lost (ignored under the SLURM script's ``trap "" USR1``, fatal without it).
+    """
+    if threading.current_thread() is threading.main_thread():
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                signal.signal(sig, _record_early)
+
+
 class StopSignals:
     """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits 0."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -44,10 +63,13 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
+            for name in STOP_SIGNALS:
                 sig = getattr(signal, name, None)
                 if sig is not None:
                     self._previous[sig] = signal.signal(sig, self._handle)
+            if _early:  # came during start-up, before this handler existed
+                self._handle(signal.Signals[_early.pop()], None)
+                _early.clear()
         return self
 
     def _handle(self, signum, frame) -> None:

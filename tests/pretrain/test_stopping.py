@@ -5,7 +5,13 @@ import signal
 import time
 from types import SimpleNamespace
 
-from pretrain.stopping import EXIT_NONFINITE, Stop, StopPolicy, StopSignals
+from pretrain.stopping import (
+    EXIT_NONFINITE,
+    Stop,
+    StopPolicy,
+    StopSignals,
+    catch_stop_signals_early,
+)
 
 
 def _policy(received=None, max_time_s=60.0, started=None, **kw):
@@ -48,3 +54,28 @@ def test_stop_signals_sets_the_flag_and_restores_handlers():
         time.sleep(0.01)
         assert s.received == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_a_signal_during_start_up_is_kept_for_the_loop():
+    """SLURM's one preemption warning may come while torch imports: recorded, then the loop sees it."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        catch_stop_signals_early()
+        os.kill(os.getpid(), signal.SIGUSR1)  # not fatal, not lost
+        with StopSignals() as signals:
+            assert signals.received == "SIGUSR1"
+        with StopSignals() as signals:  # taken once: a later run in this process starts clean
+            assert signals.received is None
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def test_train_command_catches_stop_signals_before_heavy_imports():
+    """The early catch is armed before `pretrain.trainer` (torch, DeepSpeed) is imported."""
+    import inspect
+
+    import pretrain.__main__ as cli
+
+    src = inspect.getsource(cli.main)
+    assert src.index("catch_stop_signals_early()") < src.index("from pretrain.trainer import train")
