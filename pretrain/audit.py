@@ -220,7 +220,8 @@ def run_audit(cfg: Config) -> int:
 
 def summarize(rows: list[dict]) -> dict:
     """Per family and repetition level: canaries, median exposures, how many were extracted; and
-    whether exposure rises with repetitions: medians strictly increasing level to level, and the
+    whether exposure rises with repetitions: rank medians strictly increasing level to level up to
+    the rank's resolution (two levels both at log2 N are both "at least log2 N": no fall), and the
     Spearman rank correlation of exposure with repetitions over the family's canaries (levels
     whose canaries all sit at chance differ only by noise, which the correlation weighs)."""
     out: dict = {}
@@ -235,10 +236,11 @@ def summarize(rows: list[dict]) -> dict:
                               "present_after_scrub": sum(r["present_after_scrub"] for r in rs)}
         medians = [v["median_rank_bits"] for v in levels.values()]
         fam_rows = [r for r in rows if r["family"] == fam]
+        cap = round(math.log2(min(r["reference_count"] for r in fam_rows)), 3)  # rank exposure's resolution
         rho = spearmanr([r["repetitions"] for r in fam_rows], [r["exposure_bits"]["rank"] for r in fam_rows])[0]
         out[fam] = {"levels": levels, "median_rank_bits": round(statistics.median(r["exposure_bits"]["rank"] for r in fam_rows), 3),
                     "extracted": sum(r["extracted"] for r in fam_rows),
-                    "medians_rise_with_repetitions": all(a < b for a, b in zip(medians, medians[1:], strict=False)),
+                    "medians_rise_with_repetitions": all(a < b or (a >= cap and b >= cap) for a, b in zip(medians, medians[1:], strict=False)),
                     "spearman_repetitions_exposure": None if math.isnan(rho) else round(float(rho), 3)}
     return out
 
@@ -271,7 +273,7 @@ def to_markdown(result: dict) -> str:
     for fam, s in result["summary"].items():
         rho = s["spearman_repetitions_exposure"]
         lines.append(f"{fam}: median exposure {s['median_rank_bits']:.2f} bits, {s['extracted']} extracted; "
-                     f"medians rise level to level: {'yes' if s['medians_rise_with_repetitions'] else 'no'}; "
+                     f"medians rise level to level (up to log2 {n}): {'yes' if s['medians_rise_with_repetitions'] else 'no'}; "
                      f"rank correlation of exposure with copies: {'n/a' if rho is None else f'{rho:+.2f}'}.")
     lines.append("")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from _trainer_helpers import run_train
 
 from data_pipelines.scrub.canaries import make_canaries, read_registry, references, registry_path
 from data_pipelines.tokenizer import build_bpe
-from pretrain.audit import audit_canary, run_audit, secret_bits, split_tokens
+from pretrain.audit import audit_canary, run_audit, secret_bits, split_tokens, summarize
 from pretrain.config import ModelConfig, load_config
 from pretrain.errors import UserError
 from pretrain.model import Transformer
@@ -213,7 +213,7 @@ def test_exported_model_recomputes_the_same_exposures(audited_run, tmp_path):
                         str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = recompute(tmp_path / "hf", audited_run["run"] / "audit" / "memorization.json")
-    assert len(rows) == 20
+    assert len(rows) == len(read_registry(audited_run["registry"]).canaries)
     for r in rows:
         for k in ("rank", "extrapolated"):
             assert abs(r["reported"][k] - r["recomputed"][k]) <= 1.5, r
@@ -227,3 +227,19 @@ def test_audit_refuses_a_registry_of_another_scrub(audited_run, tmp_path):
     cfg = load_config(audited_run["config"], [f"scrub.canaries.registry={tmp_path / 'other.canaries.json'}"])
     with pytest.raises(UserError, match="not among the sources"):
         run_audit(cfg)
+
+
+def test_summary_rise_counts_levels_at_the_rank_resolution_as_not_falling():
+    """Rank exposure saturates at log2 N: two levels both there do not break the rise; a real fall does."""
+    def rows(medians: dict[int, list[float]]) -> list[dict]:
+        return [{"family": "control", "repetitions": n, "reference_count": 2048, "extracted": False,
+                 "present_after_scrub": True, "exposure_bits": {"rank": e, "extrapolated": e + 1}}
+                for n, es in medians.items() for e in es]
+
+    saturated = summarize(rows({1: [1.2, 0.8], 16: [7.0, 7.6], 32: [11.0, 11.0], 64: [11.0, 11.0]}))["control"]
+    assert saturated["medians_rise_with_repetitions"] and saturated["levels"]["32"]["median_rank_bits"] == 11.0
+    fall = summarize(rows({1: [2.2, 2.0], 4: [1.0, 1.2], 16: [4.0, 4.4], 64: [11.0, 11.0]}))["control"]
+    assert not fall["medians_rise_with_repetitions"]
+    flat_below = summarize(rows({1: [3.0, 3.0], 16: [3.0, 3.0]}))["control"]
+    assert not flat_below["medians_rise_with_repetitions"]  # equal medians below the resolution: no rise
+    assert saturated["spearman_repetitions_exposure"] > 0.8

@@ -161,8 +161,10 @@ def test_demo_corpus_control_copies_survive_and_pii_copies_are_gone(scrubbed_cor
             assert all(c.prefix + " <|" in docs[h] for h in hosts)  # the placeholder took its place
     report = json.loads((scrubbed_corpus / "report.json").read_text())
     fams = report["canaries"]["families"]
-    assert fams["control"]["copies"] == {"planted": 170, "kept": 170}
-    assert fams["pii"]["copies"]["planted"] == fams["pii"]["copies"]["redacted.pii"] == 255
+    copies = {f: sum(c.repetitions for c in reg.canaries if c.family == f) for f in ("control", "pii")}
+    assert copies["control"] > 0 and copies["pii"] > 0
+    assert fams["control"]["copies"] == {"planted": copies["control"], "kept": copies["control"]}
+    assert fams["pii"]["copies"] == {"planted": copies["pii"], "redacted.pii": copies["pii"]}
     assert "## Canaries" in (scrubbed_corpus / "report.md").read_text()
 
 
