@@ -93,19 +93,27 @@ def exact_length_docs(texts: list[str], tokenizer, n: int, length: int) -> list[
 
 
 @pytest.fixture(scope="module")
-def tiny_corpus(scrubbed_corpus, tokenizer_path, tmp_path_factory) -> dict:
-    """A scrub output directory of N_DOCS exact-length excerpts of the scrubbed sample."""
+def tiny_corpus(tmp_path_factory) -> dict:
+    """A scrub output directory of N_DOCS exact-length excerpts of the scrubbed sample.
+
+    The sample is scrubbed and the tokenizer trained here without the demo's canaries, so the
+    excerpts (and the loss calibration above) do not move when the demo's canary layout changes."""
     import pyarrow.parquet as pq
 
     from data_pipelines.scrub.manifest import shard_files
     from data_pipelines.scrub.runner import run_scrub
-    from data_pipelines.tokenizer import load_tokenizer, separator_id
+    from data_pipelines.tokenizer import load_tokenizer, separator_id, train_tokenizer
     from pretrain.config import load_config
 
-    tok = load_tokenizer(tokenizer_path)
-    texts = [t for p in shard_files(scrubbed_corpus) for t in pq.read_table(p, columns=["text"])["text"].to_pylist()]
-    docs = exact_length_docs(texts, tok, N_DOCS, DOC_TOKENS)
     root = tmp_path_factory.mktemp("elastic_corpus")
+    sample = load_config(REPO / "configs" / "demo.yaml", [f"scrub.output={root / 'sample'}", "scrub.workers=1",
+                                                          "scrub.canaries.enabled=false", f"tokenizer.input={root / 'sample'}",
+                                                          f"tokenizer.output={root / 'tok'}", "tokenizer.vocab_size=4096"])
+    assert run_scrub(sample) in (0, None) and train_tokenizer(sample) in (0, None)
+    tokenizer_path = root / "tok" / "tokenizer.json"
+    tok = load_tokenizer(tokenizer_path)
+    texts = [t for p in shard_files(root / "sample") for t in pq.read_table(p, columns=["text"])["text"].to_pylist()]
+    docs = exact_length_docs(texts, tok, N_DOCS, DOC_TOKENS)
     (root / "in.jsonl").write_text("".join(json.dumps({"id": f"doc{i:02d}", "text": t}) + "\n" for i, t in enumerate(docs)))
     # The Gopher/C4 quality rules want 50+ words and 3 sentences: these excerpts are short on purpose.
     cfg = load_config(None, [f"scrub.inputs=[{root / 'in.jsonl'}]", f"scrub.output={root / 'scrubbed'}",

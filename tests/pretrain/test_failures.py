@@ -211,7 +211,12 @@ def test_a_stopped_rank_makes_the_other_write_its_stacks_and_exit(tiny_data, tmp
     print(f"job with a stopped rank exited {took:.1f} s after SIGSTOP (train.hang_timeout_s={hang_timeout})")
     assert took < hang_timeout + 60
     stacks = stack_file(run, 0).read_text()
-    assert "no optimizer step completed" in stacks and "train_step" in stacks  # where the main thread waits
+    assert "no optimizer step completed" in stacks
+    # Where the main thread waits: in a collective of the loop, inside the step (gradient reduction),
+    # at a logging step's read of the step statistics, or at the late agreement of stop requests:
+    # whichever collective the stopped rank left unmatched.
+    main = next(block for block in stacks.split("\n\n") if "in _train" in block)
+    assert any(where in main for where in ("train_step", "_read_stats", "in exchange")), main
     assert stacks.count("hread 0x") >= 2  # all threads, not only the watchdog's
     assert not stack_file(run, 1).exists()
     assert "no stack file from ranks [1]" in out, out[-4000:]
