@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, stderr_line
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ def exit_process(code: int | str | None) -> NoReturn:
         sys.exit(code)
     status = code if isinstance(code, int) else (0 if code is None else 1)
     if isinstance(code, str):
-        print(code, file=sys.stderr)
+        stderr_line(code)
     torch_dist.destroy_process_group()
     atexit._run_exitfuncs()
     logging.shutdown()

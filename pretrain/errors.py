@@ -79,6 +79,17 @@ class ConfigError(UserError):
         return "\n".join(lines)
 
 
+def stderr_line(msg: str) -> None:
+    """Write one line to stderr in one write call.
+
+    Ranks share their launcher's stderr, and trainers run with ``python -u``, where stderr writes
+    through: ``print`` would send the text and its newline as two writes, and two ranks' messages
+    could end up on one line. One write of a line shorter than the pipe buffer is never split.
+    """
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
 def exit_on_user_error(fn: F) -> F:
     """Decorator for CLI mains: a UserError becomes one message on stderr and its exit status
     (2; 5 for a full disk; 6 for a lost lease)."""
@@ -91,7 +102,7 @@ def exit_on_user_error(fn: F) -> F:
             msg = str(e)
             if not msg.startswith(("config error", "error")):
                 msg = f"error: {msg}"
-            print(msg, file=sys.stderr, flush=True)
+            stderr_line(msg)
             sys.exit(e.exit_status)
 
     return wrapper  # type: ignore[return-value]

@@ -32,6 +32,8 @@ import sys
 import threading
 import time
 
+from pretrain.errors import stderr_line
+
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
@@ -76,5 +78,5 @@ def _watch_parent(parent_pid: int, poll_s: float) -> None:
 
 def _die(parent_pid: int) -> None:
     """An orphan: no save, no exit handlers (they could write to the run directory)."""
-    print(f"pretrain: parent process {parent_pid} is gone; exiting without saving", file=sys.stderr, flush=True)
+    stderr_line(f"pretrain: parent process {parent_pid} is gone; exiting without saving")
     os.kill(os.getpid(), signal.SIGKILL)

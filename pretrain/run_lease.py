@@ -58,7 +58,6 @@ import logging
 import os
 import re
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -69,7 +68,7 @@ from typing import NoReturn
 
 import psutil
 
-from pretrain.errors import EXIT_LEASE_LOST, LeaseLostError, UserError
+from pretrain.errors import EXIT_LEASE_LOST, LeaseLostError, UserError, stderr_line
 from pretrain.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -215,7 +214,7 @@ def stop_process(lost: LeaseLostError) -> NoReturn:
     directory (wandb's exit hook, for one, would mark the run the new owner continues as finished;
     its service process would flush its files on the way out).
     """
-    print(f"error: {lost}", file=sys.stderr, flush=True)
+    stderr_line(f"error: {lost}")
     try:
         descendants = psutil.Process().children(recursive=True)  # ours: found by parent pid, not by name
     except psutil.Error:

@@ -90,3 +90,20 @@ def test_exit_process_keeps_status_output_and_exit_handlers(tmp_path, mode):
     assert p.returncode == 3, p.stderr[-2000:]
     assert p.stdout.endswith("last line")
     assert marker.read_text() == "ran"
+
+
+def test_stderr_lines_of_concurrent_unbuffered_processes_never_share_a_line():
+    """Ranks run with `python -u` and share one stderr pipe: each error line is one write (with
+    print, the text and its newline are two writes, and lines of different ranks run together)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from pretrain.errors import stderr_line\n"
+              "for i in range(300): stderr_line(f'error: rank {sys.argv[1]} line {i} ' + 'x' * 300)\n")
+    read_end, write_end = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-u", "-c", script, str(r)], stderr=write_end) for r in range(4)]
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        lines = pipe.read().decode().splitlines()
+    assert all(p.wait(timeout=60) == 0 for p in procs)
+    assert len(lines) == 4 * 300 and all(line.startswith("error: rank ") and line.count("error:") == 1 for line in lines)
