@@ -41,17 +41,25 @@ def _record_early(signum, frame) -> None:
     _early.append(signal.Signals(signum).name)
 
 
+def _install(handler) -> dict:
+    """Set ``handler`` for the stop signals; returns the handlers it replaced. Only the main thread
+    may set handlers (a loop run from another thread keeps the process's)."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
 def catch_stop_signals_early() -> None:
     """Record SIGTERM / SIGUSR1 from process start until :class:`StopSignals` takes over.
 
     SLURM warns of preemption once; a warning that arrives while torch and DeepSpeed import would
     otherwise be lost (ignored under the SLURM script's ``trap "" USR1``, fatal without it).
     """
-    if threading.current_thread() is threading.main_thread():
-        for name in STOP_SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                signal.signal(sig, _record_early)
+    _install(_record_early)
 
 
 class StopSignals:
@@ -62,14 +70,10 @@ class StopSignals:
         self._previous: dict = {}
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for name in STOP_SIGNALS:
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-            if _early:  # came during start-up, before this handler existed
-                self._handle(signal.Signals[_early.pop()], None)
-                _early.clear()
+        self._previous = _install(self._handle)
+        if _early:  # came during start-up, before this handler existed
+            self._handle(signal.Signals[_early[-1]], None)
+            _early.clear()
         return self
 
     def _handle(self, signum, frame) -> None:
