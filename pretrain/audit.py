@@ -171,10 +171,10 @@ def run_audit(cfg: Config) -> int:
     reg_path = registry_path(cfg.scrub)
     registry = read_registry(reg_path)
     _check_registry_matches(registry, reg_path, step_dir)
+    if not (step_dir / TOKENIZER_FILE).is_file():  # before the weights are read and consolidated
+        raise UserError(f"checkpoint {step_dir} holds no {TOKENIZER_FILE}: cannot tokenize the canaries")
     device = _device(a.device)
     model, tok, eos_id = load_for_inference(step_dir, device)  # verified, consolidated from any ZeRO stage
-    if tok is None:
-        raise UserError(f"checkpoint {step_dir} holds no {TOKENIZER_FILE}: cannot tokenize the canaries")
     step = read_marker(step_dir).get("step")
     log.info("audit: %d canaries x %d references on %s (step %s, %s)", len(registry.canaries), a.references,
              step_dir, step, device)

@@ -52,6 +52,11 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def local_rank() -> int:
+    """This process's rank on its node, from the launcher (torchrun/deepspeed: LOCAL_RANK; srun: SLURM_LOCALID)."""
+    return _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+
+
 def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (NCCL on CUDA, gloo on CPU); idempotent.
 
@@ -66,7 +71,7 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
 
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    local = local_rank()
     if world > 1 and "MASTER_ADDR" not in os.environ and _env_int("SLURM_NNODES", default=1) > 1:
         raise UserError(
             f"srun started {world} ranks on {os.environ['SLURM_NNODES']} nodes (SLURM_NNODES) but MASTER_ADDR is not "
@@ -75,21 +80,21 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
         )
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
-    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    os.environ.setdefault("LOCAL_RANK", str(local))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port()) if world == 1 else "29500"
     backend = "nccl" if accel == "cuda" else "gloo"
     if accel == "cuda":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not torch_dist.is_initialized():
         import deepspeed
 
         timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **timeout)
-    device = f"cuda:{local_rank}" if accel == "cuda" else "cpu"
-    return DistInfo(torch_dist.get_rank(), local_rank, torch_dist.get_world_size(), backend, device)
+    device = f"cuda:{local}" if accel == "cuda" else "cpu"
+    return DistInfo(torch_dist.get_rank(), local, torch_dist.get_world_size(), backend, device)
 
 
 def _free_port() -> int:
@@ -188,6 +193,7 @@ class LateAgreement:
         import torch.distributed as torch_dist
 
         self.n = n
+        self._all_reduce, self._sum = torch_dist.all_reduce, torch_dist.ReduceOp.SUM
         self._buf = np.zeros(n, dtype=np.int32)
         self._tensor = torch.from_numpy(self._buf)  # shares the buffer: gloo writes, numpy reads
         self._work = None
@@ -201,10 +207,8 @@ class LateAgreement:
         if self._group is None:
             return tuple(flags)
         agreed = self._wait()
-        import torch.distributed as torch_dist  # torch loads on first use, see dist_on
-
         self._buf[:] = [1 if f else 0 for f in flags]
-        self._work = torch_dist.all_reduce(self._tensor, op=torch_dist.ReduceOp.SUM, group=self._group, async_op=True)
+        self._work = self._all_reduce(self._tensor, op=self._sum, group=self._group, async_op=True)
         return agreed
 
     def now(self, flags: tuple[bool, ...]) -> tuple[bool, ...]:

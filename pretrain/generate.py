@@ -50,6 +50,7 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> tuple[An
     if is_export_dir(p):
         info_path = p / "export_info.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        tokenizer = _exported_tokenizer(p, info)  # a swapped tokenizer is refused before the weights are read
         if info.get("our_model_config"):
             known = {f.name for f in dataclasses.fields(ModelConfig)}
             mc = ModelConfig(**{k: v for k, v in info["our_model_config"].items() if k in known})
@@ -57,7 +58,6 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> tuple[An
             mc = model_config_from_hf(json.loads((p / "config.json").read_text()), p / "config.json")
         sd = from_hf_state_dict({k: v.float() for k, v in load_file(str(p / "model.safetensors")).items()}, mc)
         tok_dir = p
-        tokenizer = _exported_tokenizer(p, info)
         source = "exported with the model"
     else:
         step_dir = resolve_checkpoint(p)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 from pretrain.config import Config, data_parallel_size
-from pretrain.dist import select_accelerator
+from pretrain.dist import local_rank, select_accelerator
 from pretrain.engine import resolve_precision
 from pretrain.errors import UserError
+from pretrain.logging_setup import global_rank
 from pretrain.plan.planner import GIB, GpuPlan, Planner
 from pretrain.plan.states import UnplannableError
 
@@ -46,7 +46,7 @@ def check_memory_plan(cfg: Config) -> None:
              plan.total_bytes / GIB, plan.peak_phase.replace("_", "/"), memory / GIB, device)
     if plan.fits:
         return
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if global_rank() != 0:
         raise UserError("memory plan: this config does not fit in device memory (global rank 0 says by how much "
                         "and what would fit; train.ignore_memory_plan=true starts it anyway)")
     raise UserError(does_not_fit(planner, plan, device, world))
@@ -58,7 +58,7 @@ def device_memory(cfg: Config, accelerator: str) -> tuple[int | None, str]:
     if accelerator == "cuda":
         import torch  # lazy: the check reads the device only on CUDA
 
-        index = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        index = local_rank()
         props = torch.cuda.get_device_properties(index)
         total = props.total_memory if given is None else int(given * GIB)
         return total, f"cuda:{index} ({props.name})" + (" as train.device_memory_gib" if given is not None else "")

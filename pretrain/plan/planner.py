@@ -40,8 +40,7 @@ GIB = 2**30
 # The micro-batch search stops here: beyond, a trace's chunked loss runs thousands of chunks, and
 # no one trains with more sequences per GPU per micro-step.
 MAX_MICRO_BATCH = 1024
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -101,16 +100,15 @@ class Planner:
         if cfg.train.precision == "auto":  # what auto picks on an Ampere-or-newer GPU
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="bf16"))
         self.cfg, self.target = cfg, target
-        ds = deepspeed_config(cfg, 1, on_cuda=target == "cuda")
-        self.param_dtype = DTYPES["bf16" if ds["bf16"]["enabled"] else "fp16" if ds["fp16"]["enabled"] else "fp32"]
-        autocast = ds.get("torch_autocast") or {}
-        self.autocast_dtype = DTYPES[str(autocast.get("dtype", "bfloat16")).removeprefix("torch.")] if autocast.get("enabled") else None
+        path = precision_path(cfg)
+        self.param_dtype = DTYPES[path.params]
+        self.autocast_dtype = DTYPES[path.autocast] if path.autocast else None
         self.groups = parameter_groups(cfg)
         self.n_params = sum(map(sum, self.groups))
         self._traces: dict[int, ActivationTrace] = {}
 
-    def layout(self, world: int, cfg: Config | None = None) -> ZeroLayout:
-        cfg = cfg or self.cfg
+    def layout(self, world: int) -> ZeroLayout:
+        cfg = self.cfg
         return zero_layout(deepspeed_config(cfg, world, on_cuda=self.target == "cuda"), precision_path(cfg),
                            schedule_horizon(cfg, world))
 
@@ -140,7 +138,7 @@ class Planner:
         comm = collectives(layout.stage, self.n_params, gpus, layout.param_bytes, layout.param_bytes,
                            c.train.grad_accum_steps, recomputed_fraction(c))
         plan = GpuPlan(gpus, states, act, self.phases(states, act), memory_bytes, comm,
-                       bus_bandwidth_gbs(gpus, gpus_per_node, bus_gbs), compute_time_s(c, bench, self.n_params),
+                       bus_bandwidth_gbs(gpus, gpus_per_node, bus_gbs), compute_time_s(c, bench),
                        layout.overlap_comm)
         if find_max_micro_batch:
             plan.max_micro_batch = self.max_micro_batch(states, memory_bytes)
@@ -209,7 +207,7 @@ def recomputed_fraction(cfg: Config) -> float:
     return 0.0
 
 
-def compute_time_s(cfg: Config, bench: dict | None, n_params: int) -> float | None:
+def compute_time_s(cfg: Config, bench: dict | None) -> float | None:
     """One GPU's compute time for this config's tokens per step, at the bench's time per token."""
     if bench is None:
         return None

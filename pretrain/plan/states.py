@@ -78,10 +78,10 @@ class ZeroLayout:
     schedule_bytes: int = 0  # the device step's learning-rate table
 
 
-def zero_layout(ds_conf: dict, path=None, schedule_steps: int = 0) -> ZeroLayout:
+def zero_layout(ds_conf: dict, path, schedule_steps: int) -> ZeroLayout:
     """Read the memory-relevant choices from a DeepSpeed config dict (DeepSpeed's own defaults
     for keys the dict leaves out) and the engine's precision path (``path``, a
-    ``pretrain.engine.PrecisionPath``; None: DeepSpeed's own step) for a schedule of
+    ``pretrain.engine.PrecisionPath``) for a schedule of
     ``schedule_steps`` steps. Raises :class:`UnplannableError` for layouts not modelled."""
     select_accelerator()  # before deepspeed loads (pretrain.dist)
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig  # lazy: after select_accelerator
@@ -97,7 +97,7 @@ def zero_layout(ds_conf: dict, path=None, schedule_steps: int = 0) -> ZeroLayout
     zero = DeepSpeedZeroConfig(**ds_conf.get("zero_optimization", {}))
     half = ds_conf.get("bf16", {}).get("enabled") or ds_conf.get("fp16", {}).get("enabled")
     stage = int(zero.stage)
-    device_step = path is not None and path.step == "device"
+    device_step = path.step == "device"
     offload_opt = zero.offload_optimizer is not None and str(zero.offload_optimizer.device) not in ("none", "OffloadDeviceEnum.none")
     offload_par = zero.offload_param is not None and str(zero.offload_param.device) not in ("none", "OffloadDeviceEnum.none")
     return ZeroLayout(

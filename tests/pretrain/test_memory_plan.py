@@ -241,7 +241,7 @@ def test_collective_volume_per_step():
 def test_compute_time_from_a_one_gpu_bench():
     cfg = tiny("train.micro_batch_size=4", "train.grad_accum_steps=2")
     bench = {"step_time_s_median": 0.5, "tokens_per_step": 1000, "world_size": 1, "params": 123, "seq_len": 32}
-    assert compute_time_s(cfg, bench, 123) == pytest.approx(4 * 2 * 32 * 0.5 / 1000)
+    assert compute_time_s(cfg, bench) == pytest.approx(4 * 2 * 32 * 0.5 / 1000)
     check_bench(bench, cfg, 123, "b.json")
     with pytest.raises(UserError, match="b.json: benched a model of 123 parameters"):
         check_bench(bench, cfg, 124, "b.json")
