@@ -346,18 +346,36 @@ def build_engine(cfg: Config, model, info, run_dir: str | os.PathLike | None):
     return engine, guard
 
 
-def step_outcome(engine, guard, device: str):
-    """The last optimizer step's ``(found_inf, global gradient norm)`` as device tensors, read by
-    nobody until the loop's next logging step (pretrain.stepstats)."""
-    import torch  # lazy: see build_optimizer
+class HostStepOutcome:
+    """Where DeepSpeed runs its own step (ZeRO-3, fp16, offload) it decides on the host; its
+    outcome is written into two device scalars in place. ``fill_`` only queues a kernel, where a
+    new device tensor per step would be a host-to-device copy that waits for the step's kernels."""
 
-    if guard is not None:
-        return guard.found_inf, guard.norm
-    # DeepSpeed's own step decided on the host already: these reads cost nothing more.
-    norm = engine.get_global_grad_norm()
-    norm = float("nan") if norm is None else norm
-    return (torch.tensor(0.0 if engine.was_step_applied() else 1.0, device=device),
-            torch.as_tensor(norm, dtype=torch.float32).to(device))
+    def __init__(self, device: str):
+        import torch  # lazy: see build_optimizer
+
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self.norm = torch.zeros((), dtype=torch.float32, device=device)
+
+    def read(self, engine):
+        import torch  # lazy: see build_optimizer
+
+        self.found_inf.fill_(0.0 if engine.was_step_applied() else 1.0)
+        norm = engine.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):
+            self.norm.copy_(norm)
+        else:
+            self.norm.fill_(float("nan") if norm is None else norm)
+        return self.found_inf, self.norm
+
+
+def step_outcome(engine, guard):
+    """The last optimizer step's ``(found_inf, global gradient norm)`` as device tensors, read by
+    nobody until the loop's next logging step (pretrain.stepstats). ``guard``: the device step's
+    StepGuard, or a :class:`HostStepOutcome` where DeepSpeed steps."""
+    if isinstance(guard, HostStepOutcome):
+        return guard.read(engine)
+    return guard.found_inf, guard.norm
 
 
 def grad_clip_of(engine) -> float | None:

@@ -8,8 +8,8 @@ A schedule is ``lr_at(step)``: linear warmup from ``lr / warmup_steps`` to ``lr`
 - ``constant``: ``lr`` forever.
 
 Past ``max_steps`` the rate stays at its final value. Being pure, schedules are unit-tested
-exactly and the engine only wraps them in a ``LambdaLR`` (whose state, the step, DeepSpeed
-checkpoints).
+exactly; the engine turns one into a table of rates the device step reads by the number of
+applied updates (``pretrain.optimizer.LRSchedule``, whose state, that number, DeepSpeed checkpoints).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def lr_at(
 
 
 def lr_multiplier(optim_cfg, max_steps: int) -> Callable[[int], float]:
-    """``step -> lr_at(step) / optim.lr``: the factor ``torch.optim.lr_scheduler.LambdaLR`` expects."""
+    """``step -> lr_at(step) / optim.lr``: the factor of the peak rate at each step."""
     peak = optim_cfg.lr
 
     def factor(step: int) -> float:

@@ -10,8 +10,8 @@ of device ops per step and no read:
 - the current run of non-finite steps and the longest run since the last read.
 
 :meth:`StepStats.read` is the one host sync, on logging steps and before any decision that needs
-the counts (a save, a stop): one all-reduce (the mean loss; the largest counts, so every rank
-decides alike) and one ``tolist``.
+the counts (a save, a stop): with several ranks two all-reduces (the summed loss for the mean; the
+largest counts, so every rank decides alike), then one ``tolist``.
 
 A step is non-finite when its loss is NaN/Inf or its update was skipped. With fp16 a skipped update
 with a finite loss is the loss scaler calibrating, not a failure (a start at 2**16 overflows several
@@ -69,9 +69,8 @@ class StepStats:
     def read(self) -> StepReport:
         """The host values (the one host sync; see module doc); starts the next read's window."""
         counts = self._counts
-        loss = self._loss.double().reshape(1)
+        loss = self._loss.double().reshape(1)  # a new tensor: the all-reduce leaves _loss as it is
         if self.world_size > 1:
-            loss = loss.clone()
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             counts = counts.clone()
             dist.all_reduce(counts, op=dist.ReduceOp.MAX)

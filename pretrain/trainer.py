@@ -67,7 +67,9 @@ from pretrain.dist import (
     select_accelerator,
 )
 from pretrain.engine import (
+    HostStepOutcome,
     build_engine,
+    builds_partitioned,
     check_device_support,
     loss_scale,
     model_init_context,
@@ -107,7 +109,7 @@ class Session:
     tokenizer_path: str | None
     run_dir: Path
     tokens_per_step: int  # global tokens per optimizer step
-    guard: Any = field(default=None)  # the device step's StepGuard (None: DeepSpeed's own step)
+    guard: Any = field(default=None)  # the device step's StepGuard, or HostStepOutcome (DeepSpeed's own step)
     val_cache: list | None = field(default=None)
     lease: RunLease | None = field(default=None)  # held by global rank 0 of a training run
 
@@ -141,9 +143,10 @@ def setup(cfg: Config, write_run_files: bool = True, held: contextlib.ExitStack 
     init_context = model_init_context(cfg, info)
     with init_context:
         model = Transformer(cfg.model)
-    if info.device != "cpu" and isinstance(init_context, contextlib.nullcontext):
+    if info.device != "cpu" and not builds_partitioned(cfg):
         model = model.to(info.device)  # (zero.Init already placed its partitions)
     engine, guard = build_engine(cfg, model, info, run_dir if write_run_files else None)
+    guard = HostStepOutcome(info.device) if guard is None else guard
     torch.manual_seed(cfg.run.seed + 1 + info.rank)  # per-rank stream for anything stochastic after init
     t = cfg.train
     tokens = t.micro_batch_size * t.grad_accum_steps * info.world_size * cfg.data.seq_len
@@ -228,7 +231,7 @@ def run_step(s: Session, batches: Prefetcher, stats: StepStats, inject_nan: bool
     seconds spent waiting for the loader."""
     info = s.info
     local_loss, wait = train_step(s.engine, batches, s.cfg.train.grad_accum_steps, info.device, inject_nan)
-    stats.record(local_loss, *step_outcome(s.engine, s.guard, info.device))
+    stats.record(local_loss, *step_outcome(s.engine, s.guard))
     return wait
 
 
@@ -335,7 +338,8 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
             watchdog.beat()
             state.step, state.tokens_seen = step, state.tokens_seen + s.tokens_per_step
             report_now = None  # read only where a log line or a decision needs the counts
-            if logging or any(agreed) or policy.limit(state):
+            limited = policy.limit(state)  # evaluation and saves below change no step or token count
+            if logging or any(agreed) or limited:
                 report = report_now = _read_stats(stats, state, skipped_before, step)
             # After the read: its wait for the device is the time the steps since the last read took.
             meter.update(s.tokens_per_step, time.perf_counter() - t0, wait)
@@ -357,7 +361,7 @@ def _train(cfg: Config, policy: StopPolicy, nan_steps: set[int], held: contextli
                 if lease_lost:
                     raise lost_lease_everywhere(s)
                 stop = policy.after_pause(signalled)
-            stop = stop or policy.limit(state)
+            stop = stop or limited
         agreement.close()
         if stats.steps_unread:  # a stop right after an evaluation: count its steps before the save
             _read_stats(stats, state, skipped_before, state.step)
