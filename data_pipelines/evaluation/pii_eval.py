@@ -110,10 +110,10 @@ def read_labelled(path: str | Path) -> list[dict]:
     """Read and check labelled jsonl; a malformed line is a UserError naming the file and line.
     ``builtin:pii-heldout[:SEED]`` is the held-out set, built in memory."""
     if str(path) == HELDOUT or str(path).startswith(HELDOUT + ":"):
-        seed = str(path)[len(HELDOUT) + 1:] or "14"
-        if not seed.isdigit():
+        seed = str(path)[len(HELDOUT) + 1:]
+        if seed and not seed.isdigit():
             raise UserError(f"{path}: the seed after {HELDOUT}: must be a non-negative integer")
-        return make_heldout_set(seed=int(seed))
+        return make_heldout_set(seed=int(seed)) if seed else make_heldout_set()
     p = Path(path)
     if not p.is_file():
         raise UserError(f"labelled PII file not found: {p}")

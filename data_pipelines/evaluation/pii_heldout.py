@@ -356,7 +356,7 @@ def _other_doc(loc: Locale, rng: random.Random) -> list[Piece]:
             host = rng.choice(["sec.example.com", "host.adsl.ch.example.net", "fig.mail.example.org",
                                "part.example.de", "rev.example.net", "v.example.io"])
             pieces += [(f"\nReceived: from {host} ([" if shape == 2 else f"\nReceived: from mx ({host} [", None),
-                       (ip, "ip"), ("]) by mx.example.org;\n" if shape == 2 else "]) by mx.example.org;\n", None)]
+                       (ip, "ip"), ("]) by mx.example.org;\n", None)]
         else:
             pieces += [("login from ", None), (ip, "ip"), (" blocked; ", None)]
     pieces += [("\nIBAN: ", None), (_iban(rng), "iban"), ("\n", None)]
@@ -390,13 +390,13 @@ _CARD_TYPES = ("FIXED_LINE", "MOBILE", "FIXED_LINE_OR_MOBILE", "TOLL_FREE")
 _LAYOUT_BREAKS = ("\n", "\n      ", "\r\n", "\t", "&nbsp;", "  ", " \n  ")
 
 
-def _examples(region: str, types: tuple[str, ...] | None = None) -> list:
-    """The region's example numbers (one per distinct national number), of ``types`` or all."""
+def _examples(region: str, types: tuple[str, ...]) -> list:
+    """The region's example numbers (one per distinct national number) of ``types``."""
     import phonenumbers as pn  # heavy metadata, loaded only to build the set
 
     out, seen = [], set()
     for name, ntype in sorted(vars(pn.PhoneNumberType).items()):
-        if not name.isupper() or name == "UNKNOWN" or (types and name not in types):
+        if not name.isupper() or name == "UNKNOWN" or name not in types:
             continue
         num = pn.example_number_for_type(region, ntype)
         if num is None:

@@ -82,17 +82,18 @@ class _HostCheck:
         """(indices of the raw lines a copy may be appended to, empty when it cannot host; the
         document's exact-dedup key as phase 1 computes it)."""
         s = self.s
-        if s.normalize.enabled and normalize_text(raw).invalid_ratio(len(raw)) > s.normalize.max_invalid_utf8_ratio:
+        normalized = normalize_text(raw) if s.normalize.enabled else None
+        if normalized is not None and normalized.invalid_ratio(len(raw)) > s.normalize.max_invalid_utf8_ratio:
             return [], 0
-        text = self._norm(raw)
+        text = raw if normalized is None else normalized.text
         if not text.strip() or (self.language and not self.language.keep(text)[0]):
             return [], 0
-        cleaned = text
+        cleaned, words = text, None
         if self.quality:
-            cleaned, reason, _ = self.quality.apply(text)
+            cleaned, reason, words = self.quality.apply(text)  # the words of the kept text
             if reason:
                 return [], 0
-        if len(Words.of(cleaned).ids) < s.canaries.min_host_words:
+        if len((words or Words.of(cleaned)).ids) < s.canaries.min_host_words:
             return [], 0
         kept = {line.strip() for line in cleaned.split("\n")}
         lines = [i for i, line in enumerate(raw.split("\n")) if line.strip() and self._norm(line).strip() in kept]

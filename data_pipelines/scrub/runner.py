@@ -146,9 +146,9 @@ def filters_for(cfg) -> _Filters:
 class _UnitStats:
     """Counts of one unit in one phase; JSON-serialisable through ``to_dict``."""
 
-    def __init__(self, f: _Filters, audit_cap: int, canaries: CopyTracker | None = None) -> None:
+    def __init__(self, f: _Filters, audit_cap: int, canaries: CopyTracker) -> None:
         self.f = f
-        self.canaries = canaries or CopyTracker()  # planted canary copies: the outcome of each
+        self.canaries = canaries  # planted canary copies: the outcome of each
         self.d: dict = {"read": 0, "bytes": 0, "kept": 0, "candidates": 0, "dropped": Counter(),
                         "pii": Counter(), "languages": Counter(), "counterfactual_swapped": 0,
                         "toxicity_masked": 0, "seconds": 0.0, "stage_seconds": Counter()}
@@ -485,11 +485,11 @@ def phase3_unit(unit: InputUnit, cfg, out_dir: str, flags: np.ndarray | None,
     t0 = time.perf_counter()
     s = cfg.scrub
     out = Path(out_dir)
+    done = _read_json(_p1_paths(out, unit)[2]) if flags is None or canaries else None  # phase 1's record
     if flags is None:
-        n = _read_json(_p1_paths(out, unit)[2])["candidates"]
-        flags = db.unit_flags(_layout(out), unit.index, n, s.dedup.buckets)
+        flags = db.unit_flags(_layout(out), unit.index, done["candidates"], s.dedup.buckets)
     f = filters_for(cfg)
-    hosts = _read_json(_p1_paths(out, unit)[2]).get("canary_hosts") if canaries else None
+    hosts = done.get("canary_hosts") if canaries else None
     st = _UnitStats(f, s.audit_sample, CopyTracker(canaries, hosts))
     rel = mf.shard_name(s.rank, unit.index, s.output_format)
     tm, clock = st.d["stage_seconds"], time.perf_counter

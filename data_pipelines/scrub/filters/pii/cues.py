@@ -182,8 +182,8 @@ _SUBSTRINGS: dict[str, dict[str, str]] = {
 }
 
 # Single capital letters name a phone field in signatures ("T: +44 20 ...", "M. 0612 345678").
-_LETTERS = frozenset("TMFPOHWC")
-_LETTER_TOKEN = re.compile(r"(?<![^\W\d_])[TMFPOHWC](?![^\W\d_])")
+_LETTERS = "TMFPOHWC"
+_LETTER_TOKEN = re.compile(rf"(?<![^\W\d_])[{_LETTERS}](?![^\W\d_])")
 
 
 def _build() -> tuple[dict[str, str], dict[str, list[tuple[str, str]]], dict[str, list[tuple[tuple[str, ...], str]]]]:
@@ -282,7 +282,7 @@ def iter_cues(text: str, lo: int, hi: int) -> list[tuple[int, int, str]]:
                     break
             if kind is None:
                 kind = _kind_of_word(w)
-                if kind is None and len(w) == 1 and window[s] in _LETTERS and window[s].isupper():
+                if kind is None and len(w) == 1 and window[s] in _LETTERS:
                     kind = FIELD
             if kind is not None and not _in_address(text, lo + s, lo + end):
                 found.append((lo + s, lo + end, kind))

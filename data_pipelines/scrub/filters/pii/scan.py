@@ -13,6 +13,9 @@ from data_pipelines.scrub.filters.pii.patterns import Pattern
 # digits at both ends (a phone's leading "+ (" is covered by _DIGIT_HEAD). Line breaks, tabs and
 # HTML no-break spaces are in it for numbers cut by layout ("(617)\n 253-1000").
 DIGIT_RUN = re.compile(r"\d(?:[\d().\-/ \u00a0\t\r\n]|&nbsp;|&#160;){5,}\d")
+# The same without the entities: a plain character class scans ~2x faster, and a text with neither
+# entity has the same matches.
+_DIGIT_RUN_PLAIN = re.compile(r"\d[\d().\-/ \u00a0\t\r\n]{5,}\d")
 _DIGIT_HEAD = 3
 
 
@@ -27,7 +30,8 @@ def hyperscan_available() -> bool:
 def _digit_windows(text: str, tail: int) -> list[tuple[int, int]]:
     windows: list[tuple[int, int]] = []
     n = len(text)
-    for m in DIGIT_RUN.finditer(text):
+    runs = DIGIT_RUN if "&nbsp;" in text or "&#160;" in text else _DIGIT_RUN_PLAIN
+    for m in runs.finditer(text):
         lo, hi = max(0, m.start() - _DIGIT_HEAD), min(n, m.end() + tail)
         if windows and lo <= windows[-1][1]:
             windows[-1] = (windows[-1][0], hi)
